@@ -1,0 +1,425 @@
+"""The one training loop, for every objective (SFT, DPO, KTO, GRPO) and every schedule.
+
+Per optimizer step: take the step's examples (a fixed data set, or fresh / reused rollouts), give each process
+its slice, cut it into micro-batches, and accumulate gradients of losses normalised by the step's *global*
+counts, so the update does not depend on how the batch is split. Then clip, sync the reference (humanline:
+the pre-update weights), step the optimizer. Metrics go to the progress bar, ``metrics.jsonl`` and any
+accelerate trackers; checkpoints are atomic and resumable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .checkpoint import capture_rng, find_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config
+from .data import batches, collate
+from .errors import HumanlineError
+from .logprobs import sequence_logprobs
+from .models import save_model
+from .objectives import LossSettings, compute_loss, global_counts, kl_row_sums
+from .reference import Reference
+
+
+class StepSource(Protocol):
+    """Where each optimizer step's examples come from (a data set, or rollouts)."""
+
+    def examples_for_step(self, step: int) -> list[dict[str, Any]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class DatasetSource:
+    """A fixed, tokenised data set: ``batch_size`` examples per step, reshuffled by seed every epoch."""
+
+    def __init__(self, examples: list[dict[str, Any]], batch_size: int, seed: int) -> None:
+        if len(examples) < batch_size:
+            raise HumanlineError(f"the training set has {len(examples)} examples, fewer than one batch "
+                                 f"(train.batch_size={batch_size})")
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.per_epoch = len(examples) // batch_size
+
+    def examples_for_step(self, step: int) -> list[dict[str, Any]]:
+        epoch, i = divmod(step, self.per_epoch)
+        order = batches(len(self.examples), self.batch_size, seed=self.seed, epoch=epoch)
+        return [self.examples[j] for j in order[i]]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # the position is a function of the step
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    run_dir: str
+    step: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_time: float = 0.0
+    generation_time: float = 0.0
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int, total_steps: int
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then constant / linear decay / cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    """Train ``model`` with the objective, reference and schedule that ``config`` describes.
+
+    ``source`` yields each step's tokenised examples; build it with :func:`humanline.build_source` (or let
+    :func:`humanline.train` do everything from a config).
+    """
+
+    def __init__(self, config: Config, model: nn.Module, tokenizer: Any, source: StepSource, *,
+                 eval_examples: list[dict[str, Any]] | None = None, accelerator: Accelerator | None = None,
+                 evaluators: list[Callable[[nn.Module, int], dict[str, float]]] | None = None) -> None:
+        self.cfg, self.tokenizer, self.source = config, tokenizer, source
+        self.eval_examples = eval_examples or []
+        self.evaluators = evaluators or []
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
+                                              log_with=config.train.report_to or None,
+                                              project_dir=config.train.output_dir)
+        self.run_dir = Path(config.train.output_dir)
+        h = config.humanline
+        self.settings = LossSettings(
+            objective=config.loss.objective, beta=config.loss.beta,
+            desirable_weight=config.loss.desirable_weight, undesirable_weight=config.loss.undesirable_weight,
+            epsilon_low=config.loss.epsilon_low, epsilon_high=config.loss.epsilon_high,
+            kl_beta=config.loss.kl_beta, loss_type=config.loss.loss_type,
+            max_completion_length=config.loss.max_completion_length or config.rollout.max_new_tokens,
+            humanline=config.humanline_bounds,
+            reject_gamma=h.reject_gamma if h.enabled and h.clip == "reject" else None,
+            seed=config.train.seed,
+        )
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.reference: Reference | None = None
+        if self.settings.needs_reference or config.reference_mode != "frozen":
+            self.reference = Reference(model, config.reference_mode, sync_every=config.reference.sync_every,
+                                       ema_alpha=config.reference.ema_alpha,
+                                       prepare=self._prepare_reference)
+        params = [p for p in model.parameters() if p.requires_grad]
+        o = config.optim
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        warmup = int(o.warmup_ratio * config.train.max_steps)
+        self.scheduler = make_scheduler(optimizer, o.scheduler, warmup, config.train.max_steps)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.history: list[dict[str, float]] = []
+        self.train_time = 0.0
+        self.generation_time = 0.0
+
+    def _prepare_reference(self, ref: nn.Module) -> nn.Module:
+        ref = ref.to(self.acc.device)
+        if self.acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+            # Same wrapping as the policy: shards line up one to one for local syncs.
+            return self.acc.prepare_model(ref, evaluation_mode=True)
+        return ref
+
+    # --- helpers -------------------------------------------------------------------------------------------
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.acc.unwrap_model(self.model)
+
+    def _reduce_sum(self, values: Tensor) -> Tensor:
+        if self.acc.num_processes == 1:
+            return values
+        return self.acc.reduce(values.to(self.acc.device), reduction="sum")
+
+    def _micro_batches(self, examples: list[dict[str, Any]]) -> list[dict[str, Tensor]]:
+        """This process's share of the step, collated into micro-batches."""
+        n, rank = self.acc.num_processes, self.acc.process_index
+        mine = examples[rank::n]
+        size = self.cfg.train.micro_batch_size
+        out = []
+        for i in range(0, len(mine), size):
+            batch = collate(mine[i:i + size], self.settings.objective, pad_token_id=self.pad_id)
+            out.append({k: v.to(self.acc.device) if isinstance(v, Tensor) else v for k, v in batch.items()})
+        return out
+
+    def _forward(self, model: nn.Module, batch: dict[str, Tensor], rows: slice | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
+        ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        if rows is not None:
+            ids, am, labels = ids[rows], am[rows], labels[rows]
+        # Trim the padding columns that this slice does not need.
+        width = int(am.sum(1).max())
+        ids, am, labels = ids[:, :width], am[:, :width], labels[:, :width]
+        logps, mask = sequence_logprobs(model, ids, am, labels)
+        ref = self.reference.logps(self.model, ids, am, labels) if self.reference is not None and \
+            self.settings.needs_reference else None
+        return logps, mask, ref
+
+    # --- one optimizer step -----------------------------------------------------------------------------------
+    def train_step(self, examples: list[dict[str, Any]]) -> dict[str, float]:
+        s = self.settings
+        micro = self._micro_batches(examples)
+        counts = global_counts(micro, s.objective)
+        totals = self._reduce_sum(torch.tensor([counts["examples"], counts["tokens"]], dtype=torch.float64))
+        denominators = {"examples": max(1.0, float(totals[0])), "tokens": max(1.0, float(totals[1]))}
+        step_seed = s.seed * 1_000_003 + self.step
+        self.model.train()
+
+        kl_parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        kl_sums = None
+        if s.objective == "kto":
+            # z0 has no gradient and is global: one no-grad pass over every KL row of the step first.
+            local = torch.zeros(2, dtype=torch.float64, device=self.acc.device)
+            for batch in micro:
+                b = batch["labels"].shape[0] // 2
+                with torch.no_grad():
+                    logps, mask, ref = self._forward(self.model, batch, slice(b, None))
+                assert ref is not None
+                kl_parts.append((logps, ref, mask))
+                local += kl_row_sums(s, logps, ref, mask)
+            kl_sums = self._reduce_sum(local).float()
+
+        # Under DDP the gradients are averaged over processes; the loss is already a global mean.
+        scale = float(self.acc.num_processes)
+        metric_sums: dict[str, float] = {}
+        weight_total = 0.0
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            ctx = self.acc.no_sync(self.model) if not last and self.acc.num_processes > 1 else nullcontext()
+            with ctx:
+                if s.objective == "kto":
+                    b = batch["labels"].shape[0] // 2
+                    logps, mask, ref = self._forward(self.model, batch, slice(0, b))
+                    pol_kl, ref_kl, kl_mask = kl_parts[i]
+                    out = compute_loss(s, batch, logps, ref, mask, denominators, kl_sums=kl_sums,
+                                       kto_kl=(pol_kl, ref_kl, kl_mask), step_seed=step_seed + i)
+                else:
+                    logps, mask, ref = self._forward(self.model, batch)
+                    out = compute_loss(s, batch, logps, ref, mask, denominators, step_seed=step_seed + i)
+                self.acc.backward(out.loss * scale)
+            weight = float(batch["labels"].shape[0])
+            weight_total += weight
+            metric_sums["loss"] = metric_sums.get("loss", 0.0) + float(out.loss.detach()) * scale
+            for k, v in out.metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * weight
+        metrics = {k: (v if k == "loss" else v / max(weight_total, 1.0)) for k, v in metric_sums.items()}
+        if self.acc.num_processes > 1:
+            keys = sorted(metrics)
+            vec = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.acc.device)
+            vec = self._reduce_sum(vec)
+            metrics = {k: float(v) / (1 if k == "loss" else self.acc.num_processes) for k, v in zip(keys, vec)}
+
+        grad_norm = self._clip_and_check()
+        metrics["grad_norm"] = grad_norm
+        if not math.isfinite(grad_norm) or not math.isfinite(metrics["loss"]):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_a_row += 1
+            metrics["skipped"] = 1.0
+            if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
+                raise HumanlineError(f"step {self.step}: non-finite loss or gradient {self.nonfinite_in_a_row} steps "
+                                     f"in a row (train.max_nonfinite); lower optim.lr or check the data")
+        else:
+            self.nonfinite_in_a_row = 0
+            if self.reference is not None and self.reference.mode != "frozen":
+                metrics["humanline/ref_lag_steps"] = float(self.reference.lag(self.step))
+                self.reference.maybe_sync(self.model, self.step)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["num_tokens"] = denominators["tokens"]
+        return metrics
+
+    def _clip_and_check(self) -> float:
+        max_norm = self.cfg.optim.max_grad_norm
+        if max_norm is not None:
+            return float(self.acc.clip_grad_norm_(self.model.parameters(), max_norm))
+        norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+        return float(torch.stack(norms).norm()) if norms else 0.0
+
+    # --- evaluation ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and reward metrics on the eval split, then any generation-based evaluators."""
+        out: dict[str, float] = {}
+        if self.eval_examples:
+            sums: dict[str, float] = {}
+            n = 0.0
+            size = self.cfg.eval.batch_size
+            self.model.eval()
+            for i in range(0, len(self.eval_examples), size):
+                chunk = self.eval_examples[i:i + size]
+                batch = collate(chunk, self.settings.objective, pad_token_id=self.pad_id)
+                batch = {k: v.to(self.acc.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                counts = global_counts([batch], self.settings.objective)
+                if self.settings.objective == "kto":
+                    b = batch["labels"].shape[0] // 2
+                    logps, mask, ref = self._forward(self.model, batch, slice(0, b))
+                    kl = self._forward(self.model, batch, slice(b, None))
+                    loss = compute_loss(self.settings, batch, logps, ref, mask, counts,
+                                        kto_kl=(kl[0], kl[2], kl[1]))
+                else:
+                    logps, mask, ref = self._forward(self.model, batch)
+                    loss = compute_loss(self.settings, batch, logps, ref, mask, counts)
+                w = counts["examples"]
+                n += w
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.loss) * w
+                for k, v in loss.metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * w
+            self.model.train()
+            out.update({f"eval/{k}": v / max(n, 1.0) for k, v in sums.items()})
+        for evaluator in self.evaluators:
+            out.update(evaluator(self.unwrapped, self.step))
+        return out
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "last_sync_step": self.reference.last_sync_step if self.reference else 0,
+                "source": self.source.state_dict(), "train_time": self.train_time,
+                "generation_time": self.generation_time}
+
+    def save(self) -> None:
+        rng = self.acc.gather_for_metrics([capture_rng()], use_gather_object=True) \
+            if self.acc.num_processes > 1 else [capture_rng()]
+        if self.acc.is_main_process:
+            save_checkpoint(str(self.run_dir), self.step, model=self.unwrapped, tokenizer=self.tokenizer,
+                            optimizer=self.optimizer, scheduler=self.scheduler,
+                            trainer_state=self._trainer_state(),
+                            reference_state=self.reference.state_dict() if self.reference else None,
+                            keep_last=self.cfg.train.keep_last, rng_states=rng)
+        self.acc.wait_for_everyone()
+
+    def resume(self, resume_from: str) -> bool:
+        path = find_checkpoint(str(self.run_dir), resume_from)
+        if path is None:
+            return False
+        state, ref_state = load_checkpoint(path, model=self.unwrapped, optimizer=self.optimizer,
+                                           scheduler=self.scheduler, process_index=self.acc.process_index)
+        self.step = int(state["step"])
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        self.train_time = float(state.get("train_time", 0.0))
+        self.generation_time = float(state.get("generation_time", 0.0))
+        self.source.load_state_dict(state.get("source", {}))
+        if self.reference is not None:
+            self.reference.load_state_dict(ref_state, int(state.get("last_sync_step", 0)))
+        self._log_line({"event": "resumed", "step": self.step, "checkpoint": path})
+        return True
+
+    # --- logging -----------------------------------------------------------------------------------------------
+    def _log_line(self, record: dict[str, Any]) -> None:
+        if not self.acc.is_main_process:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _write_config(self) -> None:
+        if self.acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(self.run_dir / "config.yaml",
+                               yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg = self.cfg.train
+        self._write_config()
+        set_seed(cfg.seed)
+        if cfg.resume_from:
+            self.resume(cfg.resume_from)
+        if self.cfg.train.report_to:
+            self.acc.init_trackers("humanline", config=_flat(self.cfg.to_dict()))
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.acc.is_main_process),
+                   desc=f"{self.settings.objective}{' humanline' if self.cfg.humanline.enabled else ''}",
+                   dynamic_ncols=True)
+        while self.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            examples = self.source.examples_for_step(self.step)
+            gen = getattr(self.source, "last_generation_time", 0.0)
+            t1 = time.perf_counter()
+            metrics = self.train_step(examples)
+            t2 = time.perf_counter()
+            self.generation_time += gen
+            self.train_time += (t2 - t1) + (t1 - t0 - gen)
+            metrics.update(getattr(self.source, "last_metrics", {}) or {})
+            metrics["tokens_per_second"] = metrics["num_tokens"] / max(t2 - t1, 1e-9)
+            self.step += 1
+            metrics["step"] = self.step
+            metrics["time/train"] = self.train_time
+            metrics["time/generation"] = self.generation_time
+            if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step < cfg.max_steps:
+                metrics.update(self.evaluate())
+            self.history.append(metrics)
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                self._log_line(metrics)
+                if cfg.report_to:
+                    self.acc.log({k: v for k, v in metrics.items() if k != "step"}, step=self.step)
+            bar.set_postfix(_postfix(metrics), refresh=False)
+            bar.update(1)
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                self.save()
+        bar.close()
+        final = self.evaluate() if (self.eval_examples or self.evaluators) else {}
+        if final:
+            final["step"] = self.step
+            self.history.append(final)
+            self._log_line(final)
+        if cfg.save_final:
+            self.save()
+            if self.acc.is_main_process:
+                save_model(self.unwrapped, self.tokenizer, str(self.run_dir / "final"),
+                           merge_lora=self.cfg.lora.merge_at_end)
+            self.acc.wait_for_everyone()
+        if cfg.report_to:
+            self.acc.end_training()
+        return TrainResult(model=self.unwrapped, run_dir=str(self.run_dir), step=self.step, history=self.history,
+                           train_time=self.train_time, generation_time=self.generation_time)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def _postfix(m: dict[str, float]) -> dict[str, str]:
+    keys = ("loss", "rewards/margins", "reward", "humanline/unclamped", "tokens_per_second")
+    short = {"rewards/margins": "margin", "humanline/unclamped": "unclamped", "tokens_per_second": "tok/s"}
+    return {short.get(k, k): f"{m[k]:.3g}" for k in keys if k in m}
