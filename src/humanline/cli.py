@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML recipe (e.g. recipes/dpo-humanline.yaml)")
         p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=5e-7")
-        p.add_argument("--debug", action="store_true", help="show full tracebacks")
+        # SUPPRESS: an unset sub-command flag must not overwrite `humanline --debug <command>`.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
         p.set_defaults(fn=fn)
         return p
 
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--full", action="store_true", help="more seeds and steps, for a serious run")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the preset)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     p.set_defaults(fn=_cmd_arena)
     return parser
 

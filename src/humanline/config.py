@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -180,6 +181,9 @@ class Config:
 
 # --- building a dataclass from plain data, with types checked --------------------------------------
 
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -222,6 +226,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
             raise ConfigError(f"expected a mapping, got {value!r}", source=source, key=key)
         return {str(k): _coerce(v, args[1], f"{key}.{k}", source) for k, v in value.items()}
     if tp is float:
+        # PyYAML follows YAML 1.1, where 1e-6 (no dot) is a string: accept it as the number it means.
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"expected a number, got {value!r}", source=source, key=key)
         return float(value)
@@ -362,6 +369,8 @@ def validate_config(cfg: Config, source: str = "config") -> None:
         fail("loss.objective", "sft trains on a fixed data set; humanline and rollouts do not apply")
     positive("optim.lr", cfg.optim.lr)
     positive("optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
+    if not all(0 <= b < 1 for b in cfg.optim.betas):
+        fail("optim.betas", f"each Adam beta must be in [0, 1), got {list(cfg.optim.betas)}")
     if not 0 <= cfg.optim.warmup_ratio < 1:
         fail("optim.warmup_ratio", f"must be in [0, 1), got {cfg.optim.warmup_ratio}")
     positive("optim.max_grad_norm", cfg.optim.max_grad_norm)

@@ -72,9 +72,9 @@ def compute_loss(s: LossSettings, batch: dict[str, Tensor], logps: Tensor, ref_l
         assert ref_logps is not None and kto_kl is not None
         reduce: Callable[[Tensor], Tensor] | None = (lambda _local: kl_sums) if kl_sums is not None else None
         pol_kl, ref_kl, kl_mask = kto_kl
-        return kto_loss(logps, ref_logps, mask, batch["label"], pol_kl.detach(), ref_kl, kl_mask, beta=s.beta, desirable_weight=s.desirable_weight,
-                        undesirable_weight=s.undesirable_weight, humanline=s.humanline, kl_reduce=reduce,
-                        batch_denominator=denominators["examples"])
+        return kto_loss(logps, ref_logps, mask, batch["label"], pol_kl.detach(), ref_kl, kl_mask, beta=s.beta,
+                        desirable_weight=s.desirable_weight, undesirable_weight=s.undesirable_weight,
+                        humanline=s.humanline, kl_reduce=reduce, batch_denominator=denominators["examples"])
     if s.objective == "grpo":
         old = _behaviour_logps(batch, logps, ref_logps)
         return grpo_loss(logps, old, ref_logps, mask, batch["advantages"], epsilon_low=s.epsilon_low,

@@ -22,11 +22,18 @@ from .trainer import DatasetSource, StepSource, Trainer, TrainResult
 Source = str | datasets.Dataset | list[dict[str, Any]]
 
 
-def load_policy(cfg: Config) -> tuple[nn.Module, Any]:
-    """The policy model (with a LoRA adapter when configured) and its tokenizer."""
+def load_policy_tokenizer(cfg: Config) -> Any:
+    """The policy's tokenizer (``model.tokenizer``, else the model's own)."""
     m = cfg.model
-    tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, gguf_file=m.gguf_file if not m.tokenizer else None,
-                               trust_remote_code=m.trust_remote_code, revision=m.revision)
+    return load_tokenizer(m.tokenizer or m.name_or_path, gguf_file=m.gguf_file if not m.tokenizer else None,
+                          trust_remote_code=m.trust_remote_code, revision=m.revision)
+
+
+def load_policy(cfg: Config, tokenizer: Any = None) -> tuple[nn.Module, Any]:
+    """The policy model (with a LoRA adapter when configured) and its tokenizer (loaded unless given)."""
+    m = cfg.model
+    if tokenizer is None:
+        tokenizer = load_policy_tokenizer(cfg)
     model = load_model(m.name_or_path, gguf_file=m.gguf_file, dtype=m.dtype,
                        attn_implementation=m.attn_implementation, gradient_checkpointing=m.gradient_checkpointing,
                        trust_remote_code=m.trust_remote_code, revision=m.revision)
@@ -76,24 +83,34 @@ def train(cfg: Config, *, model: nn.Module | None = None, tokenizer: Any = None,
     """Train from a config. Pass ``model``/``tokenizer``/data sets to skip loading them from the config."""
     if (model is None) != (tokenizer is None):
         raise HumanlineError("pass both model and tokenizer, or neither")
-    if model is None:
-        model, tokenizer = load_policy(cfg)
     eval_ex: list[dict] = []
+    if source is None and not _is_generated(cfg):
+        # A fixed data set is checked in full before the weights load: a bad row fails in seconds, not after
+        # loading a large model, and before anything is written.
+        if tokenizer is None:
+            tokenizer = load_policy_tokenizer(cfg)
+        train_ex, eval_ex, counts = prepare_offline(cfg, tokenizer, train_dataset, eval_dataset)
+        _check_one_batch(cfg, len(train_ex), train_dataset if train_dataset is not None else cfg.data.train)
+        if counts["truncated_rows"]:
+            print(f"humanline: truncated {counts['truncated_rows']} of {counts['rows']} rows to "
+                  f"data.max_prompt_length={cfg.data.max_prompt_length} / data.max_length={cfg.data.max_length}")
+        source = DatasetSource(train_ex, cfg.train.batch_size, cfg.train.seed)
+    if model is None:
+        model, tokenizer = load_policy(cfg, tokenizer)
     if source is None:
-        if _is_generated(cfg):
-            from .rollout.schedule import build_rollout_source
+        from .rollout.schedule import build_rollout_source
 
-            source, evaluators = build_rollout_source(cfg, model, tokenizer, prompts=train_dataset,
-                                                      eval_prompts=eval_dataset, rewards=rewards,
-                                                      evaluators=evaluators)
-        else:
-            train_ex, eval_ex, counts = prepare_offline(cfg, tokenizer, train_dataset, eval_dataset)
-            if counts["truncated_rows"]:
-                print(f"humanline: truncated {counts['truncated_rows']} of {counts['rows']} rows to "
-                      f"data.max_prompt_length={cfg.data.max_prompt_length} / data.max_length={cfg.data.max_length}")
-            source = DatasetSource(train_ex, cfg.train.batch_size, cfg.train.seed)
+        source, evaluators = build_rollout_source(cfg, model, tokenizer, prompts=train_dataset,
+                                                  eval_prompts=eval_dataset, rewards=rewards,
+                                                  evaluators=evaluators)
     trainer = Trainer(cfg, model, tokenizer, source, eval_examples=eval_ex, evaluators=evaluators)
     return trainer.train()
+
+
+def _check_one_batch(cfg: Config, n: int, source: Source) -> None:
+    if n < cfg.train.batch_size:
+        raise HumanlineError(f"{source_label(source)}: {n} examples, fewer than one batch "
+                             f"(key 'train.batch_size' = {cfg.train.batch_size})")
 
 
 def _is_generated(cfg: Config) -> bool:
@@ -107,12 +124,8 @@ def validate(cfg: Config) -> str:
 
         rows = load_prompt_rows(cfg, cfg.data.train, cfg.data.train_split)
         return f"ok: {len(rows)} prompts for {cfg.loss.objective} with generated samples"
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
-                               gguf_file=cfg.model.gguf_file if not cfg.model.tokenizer else None,
-                               trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+    tokenizer = load_policy_tokenizer(cfg)
     train_ex, eval_ex, counts = prepare_offline(cfg, tokenizer)
-    if len(train_ex) < cfg.train.batch_size:
-        raise HumanlineError(f"{cfg.data.train}: {len(train_ex)} examples, fewer than one batch "
-                             f"(train.batch_size={cfg.train.batch_size})")
+    _check_one_batch(cfg, len(train_ex), cfg.data.train)
     return (f"ok: {counts['rows']} {cfg.loss.objective} examples ({counts['truncated_rows']} truncated), "
             f"{counts['eval_rows']} eval examples")
