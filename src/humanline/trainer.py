@@ -110,10 +110,12 @@ class Trainer:
 
     def __init__(self, config: Config, model: nn.Module, tokenizer: Any, source: StepSource, *,
                  eval_examples: list[dict[str, Any]] | None = None, accelerator: Accelerator | None = None,
-                 evaluators: list[Callable[[nn.Module, int], dict[str, float]]] | None = None) -> None:
+                 evaluators: list[Callable[[nn.Module, int], dict[str, float]]] | None = None,
+                 stop_when: Callable[[dict[str, float]], bool] | None = None) -> None:
         self.cfg, self.tokenizer, self.source = config, tokenizer, source
         self.eval_examples = eval_examples or []
         self.evaluators = evaluators or []
+        self.stop_when = stop_when  # early stopping on the step's metrics (e.g. an eval accuracy target)
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
                                               log_with=config.train.report_to or None,
                                               project_dir=config.train.output_dir)
@@ -390,6 +392,9 @@ class Trainer:
             bar.update(1)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                 self.save()
+            if self.stop_when is not None and self.stop_when(metrics):
+                self._log_line({"event": "stopped_early", "step": self.step})
+                break
         bar.close()
         final = self.evaluate() if (self.eval_examples or self.evaluators) else {}
         if final:
