@@ -17,35 +17,39 @@ from .errors import HumanlineError
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # first: a bad config fails before the heavy imports
     from .run import train
 
-    cfg = load_config(args.config, args.overrides)
     result = train(cfg)
     print(f"trained {result.step} steps; final model in {os.path.join(result.run_dir, 'final')}")
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:
     from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # first: a bad config fails before the heavy imports
     from .run import validate
 
-    cfg = load_config(args.config, args.overrides)
     print(validate(cfg))
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
     from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # first: a bad config fails before the heavy imports
     from .run import sample
 
-    cfg = load_config(args.config, args.overrides)
     path = sample(cfg, args.output)
     print(f"wrote {path}")
 
 
 def _cmd_label(args: argparse.Namespace) -> None:
     from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # first: a bad config fails before the heavy imports
     from .run import label
 
-    cfg = load_config(args.config, args.overrides)
     path = label(cfg, args.input, args.output, args.format)
     print(f"wrote {path}")
 
@@ -54,9 +58,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     import json
 
     from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # first: a bad config fails before the heavy imports
     from .run import evaluate_checkpoint
 
-    cfg = load_config(args.config, args.overrides)
     print(json.dumps(evaluate_checkpoint(cfg, args.checkpoint), indent=2))
 
 
