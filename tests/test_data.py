@@ -186,6 +186,23 @@ def test_implicit_prompt():
     assert std[0]["prompt"] == "Q: 2+2?" and std[0]["chosen"] == " 4"
 
 
+def test_string_prompt_beside_whole_conversations_uses_their_shared_prefix():
+    # princeton-nlp/llama3-ultrafeedback-armorm: a text `prompt` column and chosen / rejected holding the user
+    # turn too. TRL's rule: split the shared prefix off as the prompt (the text column is not used).
+    pair = {"prompt": "q", "chosen": [*user("q"), *assistant("yes")], "rejected": [*user("q"), *assistant("no")]}
+    for objective in ("dpo", "kto"):
+        ds = to_objective_rows([pair], objective)
+        assert ds[0]["prompt"] == user("q")
+        assert ds[0]["chosen" if objective == "dpo" else "completion"] == assistant("yes")
+    # Replies alone (one assistant message) keep the prompt column.
+    ds = to_objective_rows([{**pair, "chosen": assistant("yes"), "rejected": assistant("no")}], "dpo")
+    assert ds[0]["prompt"] == "q" and ds[0]["rejected"] == assistant("no")
+    # The two forms mixed in one data set: one line naming the rows.
+    with pytest.raises(DataError, match=r"row 1.*hold the prompt turns here but do not in row 0"):
+        to_objective_rows([{**pair, "chosen": assistant("yes"), "rejected": assistant("no")}, pair], "dpo")
+    with pytest.raises(DataError, match="must hold exactly one assistant message"):
+        to_objective_rows([{**pair, "chosen": [*user("q"), *assistant("a"), *assistant("b")]}], "dpo")
+
 def test_sft_messages_split():
     chat = [{"role": "system", "content": "be brief"}, *user("hi"), *assistant("yo")]
     ds = to_objective_rows([{"messages": chat}], "sft")

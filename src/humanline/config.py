@@ -83,7 +83,9 @@ class ReferenceConfig:
     mode: Literal["auto", "frozen", "sync", "ema"] = "auto"
     sync_every: int = 1  # k: the reference takes the policy's pre-update weights every k steps
     ema_alpha: float = 0.5  # ema mode: ref = a * policy + (1 - a) * ref at each sync (TR-DPO style)
-    precompute: bool = False  # frozen reference only: compute reference log-probs once, cached on disk
+    # frozen reference, offline data, not KTO: reference log-probs computed once before training (no reference copy
+    # in memory), cached in <train.output_dir>/cache keyed by model + data + tokenisation (precompute.py)
+    precompute: bool = False
 
 
 @dataclass
@@ -365,6 +367,9 @@ def validate_config(cfg: Config, source: str = "config") -> None:
              "combined with syncing (humanline.enabled or reference.mode sync/ema)")
     if cfg.reference.precompute and online:
         fail("reference.precompute", "precomputed reference log-probs need a fixed data set (offline training)")
+    if cfg.reference.precompute and obj == "kto":
+        fail("reference.precompute", "KTO cannot use precomputed reference log-probs: its KL rows pair each example "
+             "with another of its micro-batch, a different pairing every step; set reference.precompute=false")
     if obj == "sft" and (h.enabled or online):
         fail("loss.objective", "sft trains on a fixed data set; humanline and rollouts do not apply")
     positive("optim.lr", cfg.optim.lr)

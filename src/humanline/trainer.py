@@ -133,7 +133,10 @@ class Trainer:
         )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.reference: Reference | None = None
-        if self.settings.needs_reference or config.reference_mode != "frozen":
+        # reference.precompute: the frozen reference's log-probs come with each batch (precompute.py), so no
+        # reference copy of the model is built at all (config.py allows it only with a frozen reference).
+        self.precomputed = config.reference.precompute and self.settings.needs_reference
+        if not self.precomputed and (self.settings.needs_reference or config.reference_mode != "frozen"):
             self.reference = Reference(model, config.reference_mode, sync_every=config.reference.sync_every,
                                        ema_alpha=config.reference.ema_alpha,
                                        prepare=self._prepare_reference)
@@ -186,8 +189,16 @@ class Trainer:
         width = int(am.sum(1).max())
         ids, am, labels = ids[:, :width], am[:, :width], labels[:, :width]
         logps, mask = sequence_logprobs(model, ids, am, labels)
-        ref = self.reference.logps(self.model, ids, am, labels) if self.reference is not None and \
-            self.settings.needs_reference else None
+        ref = None
+        if self.precomputed:
+            if "ref_logps" not in batch:
+                raise HumanlineError("reference.precompute is on but the batch has no precomputed reference "
+                                     "log-probs: build the examples with humanline.precompute (humanline.train "
+                                     "does), or set reference.precompute=false")
+            ref = batch["ref_logps"] if rows is None else batch["ref_logps"][rows]
+            ref = ref[:, : width - 1]
+        elif self.reference is not None and self.settings.needs_reference:
+            ref = self.reference.logps(self.model, ids, am, labels)
         return logps, mask, ref
 
     # --- one optimizer step -----------------------------------------------------------------------------------

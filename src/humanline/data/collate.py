@@ -32,6 +32,25 @@ def _pad(rows: list[tuple[list[int], list[int]]], pad_token_id: int) -> tuple[Te
     return input_ids, attention_mask, labels
 
 
+def _shifted(rows: list[tuple[list[int], list[int]]], values: Sequence[Any], width: int, what: str) -> Tensor:
+    """[len(values), width - 1] float32 per-token values aligned with the shifted labels, 0 elsewhere.
+
+    ``values[i]`` holds one value per completion token of ``rows[i]`` (None: all 0). Like every per-token
+    tensor, position t scores labels[t + 1]: completion token j sits at input position len(prompt) + j, so its
+    value goes to len(prompt) + j - 1.
+    """
+    out = torch.zeros((len(values), width - 1), dtype=torch.float32)
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        prompt, completion = rows[i]
+        if len(v) != len(completion):
+            raise ValueError(f"row {i}: {len(v)} {what} for {len(completion)} completion tokens")
+        start = len(prompt) - 1
+        out[i, start : start + len(v)] = torch.as_tensor(v, dtype=torch.float32)
+    return out
+
+
 def collate(examples: Sequence[Mapping[str, Any]], objective: str, *, pad_token_id: int,
             max_length: int | None = None) -> dict[str, Any]:
     """One micro-batch of tensors for ``objective`` (fields in docs/DESIGN.md).
@@ -64,21 +83,15 @@ def collate(examples: Sequence[Mapping[str, Any]], objective: str, *, pad_token_
         batch["label"] = torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool)
     if objective == "grpo":
         batch["advantages"] = torch.tensor([float(e["advantage"]) for e in examples], dtype=torch.float32)
-        # old_logps[t] scores labels[t + 1] (shifted, like every per-token tensor): completion token j sits
-        # at input position len(prompt) + j, so its behaviour log-prob goes to len(prompt) + j - 1.
-        old = torch.zeros((b, input_ids.shape[1] - 1), dtype=torch.float32)
-        has = torch.zeros(b, dtype=torch.bool)
-        for i, e in enumerate(examples):
-            values = e.get("old_logps")
-            if values is None:
-                continue
-            if len(values) != len(rows[i][1]):
-                raise ValueError(f"example {i}: {len(values)} old_logps for "
-                                 f"{len(rows[i][1])} completion tokens")
-            start = len(prompts[i]) - 1
-            old[i, start : start + len(values)] = torch.tensor(values, dtype=torch.float32)
-            has[i] = True
-        batch["old_logps"], batch["has_old_logps"] = old, has
+        old = [e.get("old_logps") for e in examples]
+        batch["old_logps"] = _shifted(rows, old, input_ids.shape[1], "old_logps")
+        batch["has_old_logps"] = torch.tensor([v is not None for v in old], dtype=torch.bool)
+    # Precomputed reference log-probs (precompute.py), one per completion token; not for KTO, whose KL rows
+    # borrow completions within the micro-batch.
+    ref_keys = ("ref_chosen_logps", "ref_rejected_logps") if objective == "dpo" else ("ref_logps",)
+    if objective != "kto" and all(k in e for k in ref_keys for e in examples):
+        ref = [e[k] for k in ref_keys for e in examples]  # DPO: chosen rows, then rejected rows, as in ``rows``
+        batch["ref_logps"] = _shifted(rows, ref, input_ids.shape[1], "reference log-probs")
     batch["num_response_tokens"] = int((labels[:b] != IGNORE_INDEX).sum())
     return batch
 

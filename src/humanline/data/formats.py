@@ -6,7 +6,8 @@ Accepted (each standard, with strings, or conversational, with lists of ``{"role
 ``sft``    ``messages`` (prompt = all messages but the last, which must be the assistant's), or
            ``prompt`` / ``completion``
 ``dpo``    ``prompt`` / ``chosen`` / ``rejected``, or TRL's implicit prompt: ``chosen`` / ``rejected``
-           only, the prompt being their shared prefix
+           only, the prompt being their shared prefix; also when a string ``prompt`` column sits beside
+           whole conversations (more than the assistant turn), as TRL does: the prefix is the prompt
 ``kto``    ``prompt`` / ``completion`` / ``label`` (bool), or a paired set (as for DPO) giving one
            desirable and one undesirable row per pair
 ``grpo``   ``prompt`` / ``completion`` / ``score``, grouped by prompt or by a ``prompt_id`` column; an
@@ -44,6 +45,7 @@ from .validation import (
     extract_prompt,
     group_key,
     iter_rows,
+    prompt_in_conversation,
     resolve_columns,
     validate_rows,
 )
@@ -84,7 +86,7 @@ def to_objective_rows(dataset: Dataset | Sequence[Mapping], objective: str, *,
                         out[canon] = get[canon]
             rows.append({**out, **where})
         else:  # PREFERENCE or IMPLICIT_PREFERENCE
-            if kind == IMPLICIT_PREFERENCE:
+            if kind == IMPLICIT_PREFERENCE or prompt_in_conversation(get["prompt"], get["chosen"], get["rejected"]):
                 prompt, chosen, rejected = extract_prompt(get["chosen"], get["rejected"])
             else:
                 prompt, chosen, rejected = get["prompt"], get["chosen"], get["rejected"]

@@ -290,6 +290,16 @@ def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
                      f"got {type(chosen).__name__} and {type(rejected).__name__}")
 
 
+def prompt_in_conversation(prompt: Any, chosen: Any, rejected: Any) -> bool:
+    """TRL's rule for a string ``prompt`` column beside whole conversations (e.g.
+    princeton-nlp/llama3-ultrafeedback-armorm): when ``chosen`` / ``rejected`` are message lists holding more
+    than the assistant's reply, the prompt is their shared prefix (``extract_prompt``) and the string column is
+    not used, as in TRL's ``maybe_extract_prompt`` (which does not compare the two either: the column may be a
+    plain-text rendering of a multi-turn prefix, so a mismatch is not an error)."""
+    return (isinstance(prompt, str) and isinstance(chosen, list) and isinstance(rejected, list)
+            and max(len(chosen), len(rejected)) > 1)
+
+
 def _same_message(a: Mapping, b: Mapping) -> bool:
     return a.get("role") == b.get("role") and a.get("content") == b.get("content")
 
@@ -362,8 +372,20 @@ def validate_rows(dataset: Dataset | Sequence[Mapping], objective: str, *, sourc
     needed = [cols[c] for c in checks]
     if kind == IMPLICIT_PREFERENCE:
         needed += [cols["chosen"], cols["rejected"]]
+    first_form: dict[bool, tuple[int, int | None]] = {}  # PREFERENCE: was the prompt split off the pair?
     for _, line, row, values in iter_rows(dataset, needed):
+        implicit = kind == IMPLICIT_PREFERENCE
+        if kind == PREFERENCE:
+            implicit = prompt_in_conversation(*(values.get(cols[c]) for c in ("prompt", "chosen", "rejected")))
+            first_form.setdefault(implicit, (row, line))
+            if len(first_form) == 2:
+                other = first_form[not implicit][0]
+                raise located(f"chosen / rejected {'hold' if implicit else 'do not hold'} the prompt turns here "
+                              f"but {'do not' if implicit else 'do'} in row {other}; use one form for the whole "
+                              "data set", source=source, row=row, line=line, field=cols["chosen"])
         for canon, check in checks.items():
+            if implicit:
+                break  # extract_prompt below checks both sides; the prompt column is not used
             field = cols[canon]
             try:
                 check(values.get(field))
@@ -372,7 +394,7 @@ def validate_rows(dataset: Dataset | Sequence[Mapping], objective: str, *, sourc
                     raise _label_column_as_text(dataset, field, source) from None
                 raise located(problem.message, source=source, row=row, line=line,
                               field=field + (problem.field or "")) from None
-        if kind == IMPLICIT_PREFERENCE:
+        if implicit:
             try:
                 _, chosen, rejected = extract_prompt(values[cols["chosen"]], values[cols["rejected"]])
                 if isinstance(chosen, list):
