@@ -186,7 +186,7 @@ def label(cfg: Config, input: str, output: str, fmt: str = "pairs") -> str:
     from .data.validation import RowProblem, check_prompt, group_key, iter_rows, located, resolve_columns
     from .feedback import save_jsonl
     from .rollout import Rollout
-    from .rollout.schedule import build_reward_set, completion_text, rows_from_rollouts
+    from .rollout.schedule import build_reward_set, completion_text, note, rows_from_rollouts
 
     formats = {"pairs": "dpo", "binary": "kto", "groups": "grpo"}
     if fmt not in formats:
@@ -228,7 +228,7 @@ def label(cfg: Config, input: str, output: str, fmt: str = "pairs") -> str:
                                 group=group, finished=True))
         kept.append(index)
     if blank:
-        print(f"humanline: left out {blank} blank completions of {len(rows)}")
+        note(f"left out {blank} blank completions of {len(rows)}")
     if not rollouts:
         raise HumanlineError(f"{label_}: no non-blank completion to label")
     reward_set = build_reward_set(cfg)
@@ -260,7 +260,7 @@ def label(cfg: Config, input: str, output: str, fmt: str = "pairs") -> str:
         for k in extra:
             if k not in row and k != "prompt_id":
                 row[k] = data[k][i]
-    print(f"humanline: {len(out)} {fmt} rows from {len(rollouts)} samples; mean reward "
+    note(f"{len(out)} {fmt} rows from {len(rollouts)} samples; mean reward "
           f"{sum(result.scores) / len(result.scores):.4g}")
     return save_jsonl(out, output)
 
@@ -273,7 +273,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict[str, float]:
 
     from .evaluation import GenerationEvaluator, device_for_eval
     from .models import load_trained
-    from .rollout.schedule import build_reward_set, load_prompt_rows
+    from .rollout.schedule import build_reward_set, load_prompt_rows, note
 
     if not os.path.isdir(checkpoint):
         raise HumanlineError(f"checkpoint not found: {checkpoint}")
@@ -288,9 +288,13 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict[str, float]:
         top_p=cfg.rollout.top_p if e.temperature > 0 else 1.0, seed=cfg.train.seed,
         max_prompt_length=cfg.data.max_prompt_length)
     if os.path.abspath(checkpoint) != os.path.abspath(cfg.model.name_or_path):
-        initial, _ = load_policy(cfg, tokenizer)
-        evaluator.compute_baseline(initial.to(device_for_eval()))
-        del initial
+        try:
+            initial, _ = load_policy(cfg, tokenizer)
+        except HumanlineError as err:  # the win rate is a bonus: evaluate without it
+            note(f"no eval/win_rate: the initial policy did not load ({err})")
+        else:
+            evaluator.compute_baseline(initial.to(device_for_eval()))
+            del initial
     model = load_trained(checkpoint, dtype=cfg.model.dtype).to(device_for_eval())
     metrics = evaluator(model, 0)
     metrics["eval/num_prompts"] = float(len(evaluator.prompts))
