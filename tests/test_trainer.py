@@ -174,3 +174,24 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path: Path) -> None:
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert kept == ["step-00000004", "step-00000006"]  # save_final is off in the script
     shutil.rmtree(run)
+
+
+def test_offline_run_with_generation_eval(tmp_path: Path) -> None:
+    from humanline.run import train
+
+    def starts_with_digit(prompts: list, completions: list[str], **_: list) -> list[float]:
+        return [float(c[:1].isdigit()) for c in completions]
+
+    cfg = load_config(None, [], base={
+        "model": {"name_or_path": "tiny"}, "data": {"train": "rows", "max_length": 48, "max_prompt_length": 16},
+        "loss": {"objective": "dpo"}, "humanline": {"enabled": True}, "optim": {"lr": 1e-3},
+        "rollout": {"rewards": [{"name": "format"}], "max_new_tokens": 6},
+        "eval": {"generate": True, "every": 2, "num_prompts": 8},
+        "train": {"max_steps": 4, "batch_size": 8, "micro_batch_size": 8, "output_dir": str(tmp_path / "run"),
+                  "progress": False, "save_final": False}})
+    tok = build_tokenizer()
+    result = train(cfg, model=build_model(tok, hidden_size=32, num_layers=2), tokenizer=tok,
+                   train_dataset=tiny_rows("dpo", 16), rewards=[starts_with_digit])
+    evals = [m for m in result.history if "eval/reward" in m]
+    assert len(evals) == 2  # step 2, and the final evaluation
+    assert all(0.0 <= m["eval/reward"] <= 1.0 and 0.0 <= m["eval/win_rate"] <= 1.0 for m in evals)

@@ -316,14 +316,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Build and validate a Config from a nested dict (the Python API's way in)."""
+def config_from_dict(data: dict[str, Any], *, external_rewards: bool = False) -> Config:
+    """Build and validate a Config from a nested dict (the Python API's way in).
+
+    ``external_rewards``: the reward functions will be passed to :func:`humanline.train` as callables, so the
+    config itself need not name any.
+    """
     cfg = _build(Config, data, "", "config")
-    validate_config(cfg, "config")
+    validate_config(cfg, "config", external_rewards=external_rewards)
     return cfg
 
 
-def validate_config(cfg: Config, source: str = "config") -> None:
+def validate_config(cfg: Config, source: str = "config", *, external_rewards: bool = False) -> None:
     """Range and combination checks; all before any model or data set loads."""
 
     def fail(key: str, message: str) -> None:
@@ -398,7 +402,7 @@ def validate_config(cfg: Config, source: str = "config") -> None:
     if not 0 < r.top_p <= 1:
         fail("rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     if online and obj != "sft":
-        if not r.rewards and not r.reward_model:
+        if not r.rewards and not r.reward_model and not external_rewards:
             fail("rollout.rewards", "online or generated data needs at least one reward (rewards or reward_model)")
         if r.num_generations < 2:
             fail("rollout.num_generations", "needs >= 2 samples per prompt to build pairs, labels or groups")
@@ -407,7 +411,7 @@ def validate_config(cfg: Config, source: str = "config") -> None:
     for i, spec in enumerate(r.rewards):
         if not spec.name:
             fail(f"rollout.rewards[{i}].name", "is required")
-    if cfg.eval.generate and not r.rewards and not r.reward_model:
+    if cfg.eval.generate and not r.rewards and not r.reward_model and not external_rewards:
         fail("eval.generate", "generation-based evaluation needs a reward (rollout.rewards or reward_model)")
     positive("eval.every", cfg.eval.every, allow_zero=True)
     positive("eval.batch_size", cfg.eval.batch_size)

@@ -106,6 +106,9 @@ def train(cfg: Config, *, model: nn.Module | None = None, tokenizer: Any = None,
             # The policy is still the initial model, i.e. the frozen reference: its log-probs, once (or cached).
             train_ex, eval_ex = attach_reference_logps(cfg, model, tokenizer, train_ex, eval_ex, identity=identity)
         source = DatasetSource(train_ex, cfg.train.batch_size, cfg.train.seed)
+        if cfg.eval.generate:
+            evaluators = [*(evaluators or []), _offline_generation_evaluator(cfg, model, tokenizer, rewards,
+                                                                             train_dataset, eval_dataset)]
     if source is None:
         from .rollout.schedule import build_rollout_source
 
@@ -114,6 +117,26 @@ def train(cfg: Config, *, model: nn.Module | None = None, tokenizer: Any = None,
                                                   evaluators=evaluators)
     trainer = Trainer(cfg, model, tokenizer, source, eval_examples=eval_ex, evaluators=evaluators)
     return trainer.train()
+
+
+def _offline_generation_evaluator(cfg: Config, model: nn.Module, tokenizer: Any, rewards: Any,
+                                  train_dataset: Source | None, eval_dataset: Source | None) -> Any:
+    """``eval.generate`` on a fixed data set: generate for its eval prompts (``data.eval``, else the training
+    prompts) and score them with the run's rewards; the initial policy (``model``, before training) is the
+    win-rate baseline (re-read from the run folder when resuming)."""
+    from .evaluation import build_generation_evaluator
+    from .rollout.schedule import build_reward_set, load_prompt_rows
+
+    if eval_dataset is not None or cfg.data.eval:
+        rows = load_prompt_rows(cfg, eval_dataset if eval_dataset is not None else cfg.data.eval, cfg.data.eval_split)
+    else:
+        rows = load_prompt_rows(cfg, train_dataset if train_dataset is not None else cfg.data.train,
+                                cfg.data.train_split)
+    _, evaluator = build_generation_evaluator(cfg, tokenizer, build_reward_set(cfg, rewards), train_rows=rows,
+                                              eval_prompts=rows)
+    if not (cfg.train.resume_from and evaluator.baseline_path.exists()):
+        evaluator.compute_baseline(model)
+    return evaluator
 
 
 def _check_one_batch(cfg: Config, n: int, source: Source) -> None:
