@@ -66,10 +66,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_arena(args: argparse.Namespace) -> None:
-    from .arena import run_arena
+    from .arena.runner import run_arena
 
     preset = "quick" if args.quick else "full" if args.full else "default"
-    run_arena(args.output, preset=preset, seeds=args.seeds, threads=args.threads)
+    run_arena(args.output, preset=preset, seeds=args.seeds, workers=args.workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quick", action="store_true", help="a pipeline check in under 3 minutes")
     g.add_argument("--full", action="store_true", help="more seeds and steps, for a serious run")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the preset)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes, one torch thread each (default: one per core)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     p.set_defaults(fn=_cmd_arena)
     return parser
