@@ -68,12 +68,19 @@ class _TokenLogProbs(torch.autograd.Function):
                                                                    device=lse.device))
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         b, t, v = logits.shape
+        # fp32 / fp64 logits: each chunk is computed straight into the gradient (no chunk temporary, no copy)
+        in_place = logits.dtype == lse.dtype
         for sb, st in _chunks(b, t, v):
             g_c = g[sb, st].unsqueeze(-1)
             # -g * softmax, then + g at the label: d(logit_y - lse)/d logits = onehot(y) - softmax
-            p = (logits[sb, st].to(lse.dtype) - lse[sb, st].unsqueeze(-1)).exp_().mul_(-g_c)
+            if in_place:
+                p = torch.sub(logits[sb, st], lse[sb, st].unsqueeze(-1), out=grad[sb, st])
+            else:
+                p = logits[sb, st].to(lse.dtype) - lse[sb, st].unsqueeze(-1)
+            p.exp_().mul_(-g_c)
             p.scatter_add_(-1, labels[sb, st].unsqueeze(-1), g_c)
-            grad[sb, st] = p.to(grad.dtype)
+            if not in_place:
+                grad[sb, st] = p.to(grad.dtype)
         return grad, None, None
 
 
@@ -94,6 +101,20 @@ def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> 
     return _TokenLogProbs.apply(logits, safe, valid)
 
 
+def _no_cache(model: torch.nn.Module) -> dict[str, bool]:
+    """``{"use_cache": False}`` for a transformers-style model (its config has ``use_cache``), else ``{}``.
+
+    A transformers model called without it builds a KV cache in every scoring forward: under ``no_grad`` (the
+    reference) every layer's keys and values then stay alive until the forward returns. Wrappers (DDP,
+    accelerate, PEFT) pass the keyword through; a plain module keeps its own signature.
+    """
+    inner = model
+    while isinstance(getattr(inner, "module", None), torch.nn.Module):  # DDP / accelerate wrappers
+        inner = inner.module
+    config = getattr(inner, "config", None)
+    return {"use_cache": False} if hasattr(config, "use_cache") else {}
+
+
 def sequence_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
                       labels: Tensor) -> tuple[Tensor, Tensor]:
     """Forward ``model`` and return shifted per-token log-probs and the response mask.
@@ -102,7 +123,7 @@ def sequence_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask:
     both [B, T-1]: ``logps[:, t] = log p(labels[:, t+1] | input_ids[:, :t+1])`` (0 where ignored)
     and ``mask = labels[:, 1:] != -100``.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **_no_cache(model)).logits
     shifted = labels[:, 1:]
     # logits[:, :-1] is a view; token_logprobs slices it without copying
     return token_logprobs(logits[:, :-1], shifted), shifted != -100

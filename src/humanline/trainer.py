@@ -177,6 +177,8 @@ class Trainer:
         out = []
         for i in range(0, len(mine), size):
             batch = collate(mine[i:i + size], self.settings.objective, pad_token_id=self.pad_id)
+            # Row lengths read on the host before the copy: trimming a slice's padding then needs no device sync.
+            batch["row_lengths"] = batch["attention_mask"].sum(1).tolist()
             out.append({k: v.to(self.acc.device) if isinstance(v, Tensor) else v for k, v in batch.items()})
         return out
 
@@ -186,7 +188,11 @@ class Trainer:
         if rows is not None:
             ids, am, labels = ids[rows], am[rows], labels[rows]
         # Trim the padding columns that this slice does not need.
-        width = int(am.sum(1).max())
+        lengths = batch.get("row_lengths")
+        if lengths is not None:
+            width = max(lengths if rows is None else lengths[rows])
+        else:
+            width = int(am.sum(1).max())
         ids, am, labels = ids[:, :width], am[:, :width], labels[:, :width]
         logps, mask = sequence_logprobs(model, ids, am, labels)
         ref = None
@@ -227,8 +233,10 @@ class Trainer:
 
         # Under DDP the gradients are averaged over processes; the loss is already a global mean.
         scale = float(self.acc.num_processes)
-        metric_sums: dict[str, float] = {}
         weight_total = 0.0
+        # The micro-batches' losses and metrics stay tensors until the last backward: one device-to-host copy per
+        # step instead of one sync per metric and micro-batch.
+        parts: list[tuple[Tensor, float, dict[str, Any]]] = []
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
             ctx = self.acc.no_sync(self.model) if not last and self.acc.num_processes > 1 else nullcontext()
@@ -245,9 +253,8 @@ class Trainer:
                 self.acc.backward(out.loss * scale)
             weight = float(batch["labels"].shape[0])
             weight_total += weight
-            metric_sums["loss"] = metric_sums.get("loss", 0.0) + float(out.loss.detach()) * scale
-            for k, v in out.metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * weight
+            parts.append((out.loss.detach(), weight, out.metrics))
+        metric_sums = _sum_metrics(parts, scale)
         metrics = {k: (v if k == "loss" else v / max(weight_total, 1.0)) for k, v in metric_sums.items()}
         if self.acc.num_processes > 1:
             keys = sorted(metrics)
@@ -422,6 +429,39 @@ class Trainer:
             self.acc.end_training()
         return TrainResult(model=self.unwrapped, run_dir=str(self.run_dir), step=self.step, history=self.history,
                            train_time=self.train_time, generation_time=self.generation_time)
+
+
+def _host_floats(values: list[Any]) -> list[float]:
+    """``[float(v) for v in values]`` with one device-to-host copy per device rather than one sync per tensor
+    (values: scalar tensors of any dtype and device, or numbers). The float64 cast is exact, as float() is."""
+    out: list[Any] = list(values)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, Tensor):
+            by_device.setdefault(v.device, []).append(i)
+        else:
+            out[i] = float(v)
+    for idx in by_device.values():
+        flat = torch.stack([values[i].detach().reshape(()).to(torch.float64) for i in idx]).tolist()
+        for i, f in zip(idx, flat):
+            out[i] = f
+    return out
+
+
+def _sum_metrics(parts: list[tuple[Tensor, float, dict[str, Any]]], scale: float) -> dict[str, float]:
+    """Per micro-batch (loss, weight, metrics) -> {"loss": sum of loss * scale, metric: sum of value * weight},
+    summed in micro-batch order (the same floats as converting each value as it comes)."""
+    flat: list[Any] = []
+    for loss, _, metrics in parts:
+        flat.append(loss)
+        flat.extend(metrics.values())
+    values = iter(_host_floats(flat))
+    sums: dict[str, float] = {}
+    for _, weight, metrics in parts:
+        sums["loss"] = sums.get("loss", 0.0) + next(values) * scale
+        for k in metrics:
+            sums[k] = sums.get(k, 0.0) + next(values) * weight
+    return sums
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -37,20 +37,19 @@ OBJECTIVES = ("dpo", "kto", "grpo")
 class Preset:
     """Sizes of an arena run; ``default`` is sized to finish in under 15 minutes on 2 cores."""
 
-    seeds: int = 3
-    steps: int = 60
-    prompts_per_step: int = 8
+    seeds: int = 2
+    steps: int = 30
+    prompts_per_step: int = 4
     num_generations: int = 8
     eval_every: int = 10
-    val_prompts: int = 64
+    val_prompts: int = 48
     test_prompts: int = 200
-    offline_prompts: int = 480  # prompts sampled once for the offline data (8 samples each)
+    offline_prompts: int = 400  # prompts sampled once for the offline data (num_generations samples each)
     sweep: bool = True
     lr_grid: dict[str, tuple[float, ...]] = field(default_factory=lambda: {
-        "dpo": (3e-5, 1e-4, 3e-4), "kto": (3e-5, 1e-4, 3e-4), "grpo": (3e-5, 1e-4, 3e-4),
-        "rft": (3e-5, 1e-4, 3e-4)})
-    # (sync_every, log_eps_P, log_eps_R) tried for humanline at its best learning rate
-    humanline_grid: tuple[tuple[int, float, float], ...] = ((1, -1.0, 1.5), (4, -1.0, 1.5), (4, -0.1, 1.0))
+        k: (3e-5, 1e-4) for k in ("dpo", "kto", "grpo", "rft")})
+    # (sync_every, log_eps_P, log_eps_R): the first at every learning rate, the others at humanline's best one
+    humanline_grid: tuple[tuple[int, float, float], ...] = ((1, -1.0, 1.5), (4, -0.1, 1.0))
     semi_online: int = 0  # generate_every of a semi-online arm (0: no such arm)
     tasks: tuple[str, ...] = ("addition", "describe")
     # Task sizes: responses of tens of tokens (per-token effects can show) but short enough for a CPU.
@@ -69,7 +68,7 @@ PRESETS: dict[str, Preset] = {
                     task_options={"addition": {"digits": 2},
                                   "describe": {"length_lo": 20, "length_hi": 60, "max_sentences": 2}}),
     "default": Preset(),
-    "full": Preset(seeds=5, steps=200, val_prompts=128, test_prompts=500, offline_prompts=1600,
+    "full": Preset(seeds=5, steps=200, prompts_per_step=8, val_prompts=128, test_prompts=500, offline_prompts=1600,
                    semi_online=8, lr_grid={k: (1e-5, 3e-5, 1e-4, 3e-4) for k in ("dpo", "kto", "grpo", "rft")},
                    humanline_grid=((1, -1.0, 1.5), (4, -1.0, 1.5), (16, -0.1, 1.0), (4, -1.5, 1.5))),
 }
@@ -147,30 +146,16 @@ def _tokenizer(task_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(task_dir / "sft"))
 
 
-def prepare_task(spec: dict[str, Any]) -> dict[str, Any]:
-    """SFT the starting policy (and train the reward model), then sample and score the offline data."""
-    _setup_worker()
+def _train_start(task_name: str, task: Any, tok: Any, task_dir: Path, p: Preset, info: dict[str, Any]) -> Any:
+    """SFT the starting policy (and, for describe, train the reward model first); saved to ``task_dir/sft``."""
     import torch
 
     from ..config import config_from_dict
-    from ..data import encode_completion
     from ..models import save_model
-    from ..rollout.hf import HFGenerator
-    from ..rollout.schedule import rows_from_rollouts
     from ..run import prepare_offline
-    from ..tiny import build_model, build_tokenizer
+    from ..tiny import build_model
     from ..trainer import DatasetSource, Trainer
 
-    p = Preset(**spec["preset"])
-    task_name, task_dir = spec["task"], Path(spec["dir"])
-    task = _task(task_name, p)
-    task_dir.mkdir(parents=True, exist_ok=True)
-    info_path = task_dir / "prepared.json"
-    if info_path.exists():
-        return json.loads(info_path.read_text())
-    t0 = time.perf_counter()
-    tok = build_tokenizer()
-    info: dict[str, Any] = {"task": task_name}
     if task_name == "describe":
         from .reward_model import train_reward_model
 
@@ -200,21 +185,57 @@ def prepare_task(spec: dict[str, Any]) -> dict[str, Any]:
     result = trainer.train()
     save_model(result.model, tok, str(task_dir / "sft"))
     info["sft_steps"] = result.step
-    info["sft_time"] = time.perf_counter() - t0
+
+    return result.model
+
+
+def prepare_task(spec: dict[str, Any]) -> dict[str, Any]:
+    """SFT the starting policy (and train the reward model), then sample and score the offline data."""
+    _setup_worker()
+
+    from ..config import config_from_dict
+    from ..data import encode_completion
+    from ..rollout.hf import HFGenerator
+    from ..rollout.schedule import rows_from_rollouts
+    from ..tiny import build_tokenizer
+
+    p = Preset(**spec["preset"])
+    task_name, task_dir = spec["task"], Path(spec["dir"])
+    task = _task(task_name, p)
+    task_dir.mkdir(parents=True, exist_ok=True)
+    info_path = task_dir / "prepared.json"
+    if info_path.exists():
+        return json.loads(info_path.read_text())
+    t0 = time.perf_counter()
+    tok = build_tokenizer()
+    info: dict[str, Any] = {"task": task_name}
+    sft_info_path = task_dir / "sft-info.json"
+    if sft_info_path.exists() and (task_dir / "sft" / "config.json").exists():
+        # A starting policy (and reward model) from an earlier, interrupted run of the same folder.
+        from transformers import AutoModelForCausalLM
+
+        info.update(json.loads(sft_info_path.read_text()))
+        sft_model = AutoModelForCausalLM.from_pretrained(str(task_dir / "sft"))
+    else:
+        sft_model = _train_start(task_name, task, tok, task_dir, p, info)
+        info["sft_time"] = time.perf_counter() - t0
+        sft_info_path.write_text(json.dumps({k: v for k, v in info.items() if k != "task"}, default=float))
 
     # Baselines for the win rate: the starting policy's greedy outputs on the evaluation prompts.
     for split, n in (("validation", p.val_prompts), ("test", p.test_prompts)):
         ev = _evaluator(task_name, task_dir, tok, split, n, baseline=False, p=p)
         ev.baseline_path = task_dir / f"baseline-{split}.jsonl"
-        ev.compute_baseline(result.model)
+        ev.compute_baseline(sft_model)
         m = ev.metrics(ev.baseline)
         info[f"start_{split}"] = m
 
     # 2. Offline data: 8 samples per prompt from the starting policy at T=1, scored once.
     t1 = time.perf_counter()
     prompts = task.sample_prompts(p.offline_prompts, seed=1, split="train")
-    gen = HFGenerator(result.model, tok, max_new_tokens=_max_new_tokens(task), temperature=1.0, batch_size=256)
+    gen = HFGenerator(sft_model, tok, max_new_tokens=_max_new_tokens(task), temperature=1.0, batch_size=256)
     rollouts = gen.generate([r["prompt"] for r in prompts], n=p.num_generations, seed=1)
+    # An empty reply (EOS first) is a real sample, but the data loader refuses empty completions in a data set.
+    rollouts = [r for r in rollouts if r.completion.strip()]
     reward = _training_reward(task_name, task_dir, p)
     cols = {c: [prompts[r.group][c] for r in rollouts] for c in getattr(task, "columns", ())}
     scores = reward([r.prompt for r in rollouts], [r.completion for r in rollouts], **cols)
