@@ -237,6 +237,24 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def trl_optimizer_step(t: Any, model: torch.nn.Module, batch: Any) -> None:
+    """One optimizer step of a TRL trainer ``t``, exactly as ``transformers.Trainer`` runs it (training step,
+    clipping, optimizer and scheduler step, and the step callbacks, e.g. TRL's reference sync), minus the
+    dataloader: the benchmarks feed the batch themselves."""
+    t.current_gradient_accumulation_steps = 1
+    t.accelerator.gradient_state._set_sync_gradients(True)
+    t.control = t.callback_handler.on_step_begin(t.args, t.state, t.control)
+    t._tr_loss += t.training_step(model, batch, None)
+    t._get_grad_norm(model, grad_norm=t._clip_grad_norm(model))
+    t.control = t.callback_handler.on_pre_optimizer_step(t.args, t.state, t.control)
+    t.optimizer.step()
+    t.control = t.callback_handler.on_optimizer_step(t.args, t.state, t.control)
+    t.lr_scheduler.step()
+    model.zero_grad()
+    t.state.global_step += 1
+    t.control = t.callback_handler.on_step_end(t.args, t.state, t.control)
+
+
 def paired_ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
     """Median and IQR of the per-round ratios a[i] / b[i] (steps measured side by side in the same round)."""
     ratios = [x / y for x, y in zip(a, b) if y > 0]

@@ -136,18 +136,7 @@ class TRL:
         start = (i * a.prompts_per_step) % len(self.prompts)
         chosen = [self.prompts[(start + j) % len(self.prompts)] for j in range(a.prompts_per_step)]
         batch = [dict(p) for p in chosen for _ in range(a.num_generations)]
-        t.current_gradient_accumulation_steps = 1
-        t.accelerator.gradient_state._set_sync_gradients(True)
-        t.control = t.callback_handler.on_step_begin(t.args, t.state, t.control)
-        t._tr_loss += t.training_step(model, batch, None)
-        t._get_grad_norm(model, grad_norm=t._clip_grad_norm(model))
-        t.control = t.callback_handler.on_pre_optimizer_step(t.args, t.state, t.control)
-        t.optimizer.step()
-        t.control = t.callback_handler.on_optimizer_step(t.args, t.state, t.control)
-        t.lr_scheduler.step()
-        model.zero_grad()
-        t.state.global_step += 1
-        t.control = t.callback_handler.on_step_end(t.args, t.state, t.control)
+        common.trl_optimizer_step(t, model, batch)
 
 
 def run(variant: str, args: argparse.Namespace, path: str) -> dict[str, Any]:

@@ -207,19 +207,7 @@ class TRL:
         model = t.model_wrapped
         feats = self._features(i)
         batch = feats if self.objective == "grpo" else t.data_collator(feats)
-        t.current_gradient_accumulation_steps = 1
-        t.accelerator.gradient_state._set_sync_gradients(True)
-        t.control = t.callback_handler.on_step_begin(t.args, t.state, t.control)
-        t._tr_loss += t.training_step(model, batch, None)
-        t._get_grad_norm(model, grad_norm=t._clip_grad_norm(model))
-        t.control = t.callback_handler.on_pre_optimizer_step(t.args, t.state, t.control)
-        t.optimizer.step()
-        t.control = t.callback_handler.on_optimizer_step(t.args, t.state, t.control)
-        t.lr_scheduler.step()
-        model.zero_grad()
-        t.state.global_step += 1
-        # runs SyncRefModelCallback (the humanline variant: alpha 1, every step)
-        t.control = t.callback_handler.on_step_end(t.args, t.state, t.control)
+        common.trl_optimizer_step(t, model, batch)  # its step-end callbacks run SyncRefModelCallback
 
 
 def _score_reward(prompts: list, completions: list, score: list[float], **_: Any) -> list[float]:
