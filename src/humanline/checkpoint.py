@@ -26,6 +26,7 @@ import random
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -142,8 +143,13 @@ def _remove_temps(ckpt_dir: str) -> None:
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: Any, tokenizer: Any = None,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                     trainer_state: dict[str, Any], reference_state: dict[str, torch.Tensor] | None = None,
-                    rng_states: list[dict[str, Any]] | None = None, keep_last: int | None = None) -> str:
+                    rng_states: list[dict[str, Any]] | None = None, keep_last: int | None = None,
+                    model_state: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> str:
     """Write a complete checkpoint for ``step`` atomically and return its path. Main process only.
+
+    ``model_state`` / ``optimizer_state``: full state dicts to write instead of ``model.state_dict()`` /
+    ``optimizer.state_dict()`` (a sharded run gathers them first, on every process; see ``sharding.py``).
 
     ``rng_states`` holds one :func:`capture_rng` result per process (index = process index); None
     captures this process's alone. ``trainer_state`` must be JSON-serialisable. With ``keep_last`` only
@@ -156,8 +162,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: Any, tokeni
     _remove_temps(ckpt_dir)
     final = os.path.join(ckpt_dir, f"step-{int(step):08d}")
     with atomic_directory(final) as tmp:
-        write_model(model, tokenizer, tmp)
-        if optimizer is not None:
+        write_model(model, tokenizer, tmp, state_dict=model_state)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+        elif optimizer is not None:
             torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         if scheduler is not None:
             torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
@@ -193,7 +201,8 @@ def find_checkpoint(run_dir_or_path: str | os.PathLike, resume_from: str | None)
     return path
 
 
-def _load_full_weights(model: torch.nn.Module, folder: str) -> None:
+def _load_full_weights(model: torch.nn.Module, folder: str,
+                       load_state: Callable[[dict[str, torch.Tensor]], None] | None = None) -> None:
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -205,6 +214,9 @@ def _load_full_weights(model: torch.nn.Module, folder: str) -> None:
     state: dict[str, torch.Tensor] = {}
     for name in files:
         state.update(load_file(os.path.join(folder, name)))
+    if load_state is not None:
+        load_state(state)
+        return
     result = model.load_state_dict(state, strict=False)
     # save_pretrained drops tied copies (lm_head.weight tied to the embeddings): a missing key is fine
     # when its parameter is the very tensor of a key that was loaded.
@@ -219,11 +231,15 @@ def _load_full_weights(model: torch.nn.Module, folder: str) -> None:
 
 def load_checkpoint(path: str | os.PathLike, *, model: Any, optimizer: torch.optim.Optimizer | None = None,
                     scheduler: Any = None, process_index: int = 0, restore_rng_state: bool = True,
+                    load_model_state: Callable[[dict[str, torch.Tensor]], None] | None = None,
+                    load_optimizer_state: Callable[[dict[str, Any]], None] | None = None,
                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """Load a checkpoint into ``model`` (full or PEFT), ``optimizer`` and ``scheduler`` in place.
 
     Restores this process's RNG states (rank 0's if the checkpoint has none for it) and returns
-    ``(trainer_state, reference_state or None)``.
+    ``(trainer_state, reference_state or None)``. ``load_model_state`` / ``load_optimizer_state``, when given,
+    receive the full model weights / optimizer state read from the checkpoint and load them instead of
+    ``model.load_state_dict`` / ``optimizer.load_state_dict`` (a sharded model keeps its shards of them).
     """
     folder = os.fspath(path)
     if not _is_complete(folder):
@@ -239,7 +255,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: Any, optimizer: torch.opt
     else:
         if os.path.exists(os.path.join(folder, "adapter_config.json")):
             raise HumanlineError(f"checkpoint holds a LoRA adapter but the model has none: {folder}")
-        _load_full_weights(inner, folder)
+        _load_full_weights(inner, folder, load_model_state)
     for obj, name in ((optimizer, "optimizer.pt"), (scheduler, "scheduler.pt")):
         if obj is None:
             continue
@@ -248,7 +264,11 @@ def load_checkpoint(path: str | os.PathLike, *, model: Any, optimizer: torch.opt
             raise HumanlineError(f"checkpoint has no {name}: {folder}")
         # weights_only: tensors and primitives only, nothing unpickled. map_location="cpu" because
         # Optimizer.load_state_dict moves each state to its parameter's device itself.
-        obj.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        if obj is optimizer and load_optimizer_state is not None:
+            load_optimizer_state(state)
+        else:
+            obj.load_state_dict(state)
     if restore_rng_state:
         rank = process_index if os.path.exists(os.path.join(folder, f"rng-{process_index}.json")) else 0
         restore_rng(_read_rng(folder, rank))

@@ -284,23 +284,29 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
 
 
 def write_model(model: Any, tokenizer: PreTrainedTokenizerBase | None, folder: str, *,
-                merge_lora: bool = False) -> None:
-    """Write model (or adapter) and tokenizer into an existing ``folder``; :func:`save_model` is atomic."""
+                merge_lora: bool = False, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write model (or adapter) and tokenizer into an existing ``folder``; :func:`save_model` is atomic.
+
+    ``state_dict``: the full weights to write instead of ``model.state_dict()`` (for a sharded model, whose
+    own state dict holds shards: :func:`humanline.sharding.full_state_dict` gathers them)."""
     model = unwrap_model(model)
     if merge_lora and is_peft_model(model):
+        if state_dict is not None:
+            raise HumanlineError("merging LoRA into a sharded model's weights is not supported")
         # Merge a copy: merging in place would end the caller's LoRA training (and unmerge is lossy in bf16).
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
 
 def save_model(model: Any, tokenizer: PreTrainedTokenizerBase | None, path: str | os.PathLike, *,
-               merge_lora: bool = False) -> str:
+               merge_lora: bool = False, state_dict: dict[str, torch.Tensor] | None = None) -> str:
     """Save atomically to ``path``: safetensors weights (the adapter of a PEFT model, or the merged full
-    model with ``merge_lora``), config and tokenizer. Replaces an existing ``path``. Call on one process."""
+    model with ``merge_lora``), config and tokenizer. Replaces an existing ``path``. Call on one process
+    (``state_dict``: see :func:`write_model`)."""
     with atomic_directory(path) as tmp:
-        write_model(model, tokenizer, tmp, merge_lora=merge_lora)
+        write_model(model, tokenizer, tmp, merge_lora=merge_lora, state_dict=state_dict)
     return os.fspath(path)
 
 
