@@ -9,8 +9,12 @@ How the reference is held:
 
 * full fine-tuning: a second copy of the model, never trained, always in eval mode. Under DDP every process
   holds a full copy (the policy's unwrapped weights are identical on all ranks, so each copies locally).
-  Under FSDP the copy is prepared with the same wrapping as the policy, so its shards match the policy's
-  shards one to one and a sync is a local shard copy (no gather).
+  Under FSDP the copy is sharded like the policy (``sharding.shard_like_policy``): matching shards, not a
+  full copy. Each process holds its shard of every reference parameter, the same slice as its shard of
+  the policy's, so a sync is a local shard copy (no communication), the reference forward gathers its
+  parameters unit by unit as the policy's does, and saving its weights is a collective (every process calls
+  :meth:`Reference.state_dict`). After the policy is prepared the trainer calls :meth:`Reference.copy_from`,
+  so the reference starts from exactly the weights the policy starts from.
 * LoRA: the frozen reference is the base model with the adapter disabled (the *initial* model). A synced
   reference is a second copy of the adapter weights only; for its forward the copy is swapped into the
   adapter's parameters and swapped back afterwards (pointer swaps, no copies).
@@ -26,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .logprobs import sequence_logprobs
+from .sharding import full_state_dict, is_sharded, load_full_state_dict, local
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -46,6 +51,12 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def _layout(t: Tensor) -> tuple:
+    """How a (DTensor) parameter is split over the processes; () for a plain tensor."""
+    mesh = getattr(t, "device_mesh", None)
+    return () if mesh is None else (tuple(mesh.mesh.flatten().tolist()), tuple(t.placements))
 
 
 class Reference:
@@ -121,15 +132,24 @@ class Reference:
         """
         if not self.should_sync(step):
             return False
-        alpha = self.ema_alpha if self.mode == "ema" else 1.0
+        self._copy(policy, self.ema_alpha if self.mode == "ema" else 1.0)
+        self.last_sync_step = step
+        self.synced_once = True
+        return True
+
+    @torch.no_grad()
+    def copy_from(self, policy: nn.Module) -> None:
+        """Set the reference to the policy's current weights without counting it as a sync (the start of
+        training: a sharded reference then holds exactly the shards the prepared policy starts from)."""
+        if self.model is not None:
+            self._copy(policy, 1.0)
+
+    def _copy(self, policy: nn.Module, alpha: float) -> None:
         for ref_p, pol_p in self._pairs(policy):
             if alpha == 1.0:
                 ref_p.copy_(pol_p.detach())
             else:
                 ref_p.lerp_(pol_p.detach().to(ref_p.dtype), alpha)
-        self.last_sync_step = step
-        self.synced_once = True
-        return True
 
     def _pairs(self, policy: nn.Module) -> Iterator[tuple[Tensor, Tensor]]:
         base = _unwrap(policy)
@@ -139,20 +159,32 @@ class Reference:
                 yield tensor, params[name]
         else:
             assert self.model is not None
-            ref_params = list(_unwrap(self.model).parameters())
-            pol_params = list(base.parameters())
+            # An FSDP1 wrapper holds its own (flat) parameters: only DDP-style wrappers are stripped.
+            ref_params = list((self.model if is_sharded(self.model) else _unwrap(self.model)).parameters())
+            pol_params = list((policy if is_sharded(policy) else base).parameters())
             if len(ref_params) != len(pol_params):
                 raise RuntimeError("reference and policy have different parameter lists")
-            yield from zip(ref_params, pol_params)
+            # Sharded (FSDP): this process's shards, which line up one to one (same slices of the same
+            # parameters); a copy between them is local.
+            for ref_p, pol_p in zip(ref_params, pol_params):
+                ref_l, pol_l = local(ref_p), local(pol_p)
+                if ref_l.shape != pol_l.shape or _layout(ref_p) != _layout(pol_p):
+                    raise RuntimeError(f"reference and policy shards differ in shape ({tuple(ref_l.shape)} vs "
+                                       f"{tuple(pol_l.shape)}): the reference is not sharded like the policy")
+                yield ref_l, pol_l
 
     # --- checkpoint state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor] | None:
-        """The reference's weights when they differ from the initial model, else None."""
+        """The reference's weights when they differ from the initial model, else None.
+
+        Sharded: a collective (every process calls it); the main process gets the full weights."""
         if not self.synced_once:
             return None
         if self.peft:
             return {k: v.detach().cpu().contiguous() for k, v in self.adapter.items()}
         assert self.model is not None
+        if is_sharded(self.model):
+            return {k: v.contiguous() for k, v in full_state_dict(self.model).items()}
         return {k: v.detach().cpu().contiguous() for k, v in _unwrap(self.model).state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Tensor] | None, last_sync_step: int) -> None:
@@ -165,4 +197,7 @@ class Reference:
                 self.adapter[k].copy_(state[k])
         else:
             assert self.model is not None
-            _unwrap(self.model).load_state_dict(state, strict=False)
+            if is_sharded(self.model):
+                load_full_state_dict(self.model, state)  # each process keeps its shards
+            else:
+                _unwrap(self.model).load_state_dict(state, strict=False)

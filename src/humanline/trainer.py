@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -34,6 +34,16 @@ from .logprobs import sequence_logprobs
 from .models import save_model
 from .objectives import LossSettings, compute_loss, global_counts, kl_row_sums
 from .reference import Reference
+from .sharding import (
+    full_optimizer_state_dict,
+    full_state_dict,
+    is_sharded,
+    load_full_optimizer_state_dict,
+    load_full_state_dict,
+    local,
+    make_accelerator,
+    shard_like_policy,
+)
 
 
 class StepSource(Protocol):
@@ -116,9 +126,9 @@ class Trainer:
         self.eval_examples = eval_examples or []
         self.evaluators = evaluators or []
         self.stop_when = stop_when  # early stopping on the step's metrics (e.g. an eval accuracy target)
-        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
-                                              log_with=config.train.report_to or None,
-                                              project_dir=config.train.output_dir)
+        # make_accelerator: FSDP also on CPU-only machines (gloo), where accelerate itself would run DDP.
+        self.acc = accelerator or make_accelerator(log_with=config.train.report_to or None,
+                                                   project_dir=config.train.output_dir)
         self.run_dir = Path(config.train.output_dir)
         h = config.humanline
         self.settings = LossSettings(
@@ -140,12 +150,20 @@ class Trainer:
             self.reference = Reference(model, config.reference_mode, sync_every=config.reference.sync_every,
                                        ema_alpha=config.reference.ema_alpha,
                                        prepare=self._prepare_reference)
+            if self.reference.peft and self.reference.mode != "frozen" \
+                    and self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                raise HumanlineError("a synced reference with LoRA (a second copy of the adapter) is not supported "
+                                     "under FSDP or DeepSpeed: train LoRA under DDP, or fully fine-tune")
         params = [p for p in model.parameters() if p.requires_grad]
         o = config.optim
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         warmup = int(o.warmup_ratio * config.train.max_steps)
         self.scheduler = make_scheduler(optimizer, o.scheduler, warmup, config.train.max_steps)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.sharded = is_sharded(self.model)
+        if self.reference is not None and self.reference.model is not None and self.sharded:
+            # The sharded reference starts from exactly the shards the prepared policy starts from.
+            self.reference.copy_from(self.model)
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.history: list[dict[str, float]] = []
@@ -153,11 +171,11 @@ class Trainer:
         self.generation_time = 0.0
 
     def _prepare_reference(self, ref: nn.Module) -> nn.Module:
-        ref = ref.to(self.acc.device)
-        if self.acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
-            # Same wrapping as the policy: shards line up one to one for local syncs.
-            return self.acc.prepare_model(ref, evaluation_mode=True)
-        return ref
+        if self.acc.distributed_type == DistributedType.FSDP:
+            # Matching shards, not a full copy: each process's shard of the reference is the same slice as its
+            # shard of the policy, so a sync is a local copy (reference.py).
+            return shard_like_policy(self.acc, ref)
+        return ref.to(self.acc.device)
 
     # --- helpers -------------------------------------------------------------------------------------------
     @property
@@ -287,8 +305,12 @@ class Trainer:
         max_norm = self.cfg.optim.max_grad_norm
         if max_norm is not None:
             return float(self.acc.clip_grad_norm_(self.model.parameters(), max_norm))
-        norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
-        return float(torch.stack(norms).norm()) if norms else 0.0
+        # Sharded: each process holds a shard of every gradient; the squares of the shards add up.
+        squares = [local(p.grad.detach()).float().pow(2).sum() for p in self.model.parameters() if p.grad is not None]
+        total = torch.stack(squares).sum() if squares else torch.zeros((), device=self.acc.device)
+        if self.sharded:
+            total = self._reduce_sum(total)
+        return float(total.sqrt())
 
     # --- evaluation ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -335,20 +357,42 @@ class Trainer:
     def save(self) -> None:
         rng = self.acc.gather_for_metrics([capture_rng()], use_gather_object=True) \
             if self.acc.num_processes > 1 else [capture_rng()]
+        model_state = optimizer_state = ref_state = None
+        if self.sharded:
+            # Gathering the full states is a collective: every process takes part, the main one writes.
+            model_state = full_state_dict(self.model)
+            optimizer_state = full_optimizer_state_dict(self.model, self.optimizer)
+        if self.reference is not None and (self.sharded or self.acc.is_main_process):
+            ref_state = self.reference.state_dict()  # a collective too when the reference is sharded
         if self.acc.is_main_process:
             save_checkpoint(str(self.run_dir), self.step, model=self.unwrapped, tokenizer=self.tokenizer,
                             optimizer=self.optimizer, scheduler=self.scheduler,
-                            trainer_state=self._trainer_state(),
-                            reference_state=self.reference.state_dict() if self.reference else None,
-                            keep_last=self.cfg.train.keep_last, rng_states=rng)
+                            trainer_state=self._trainer_state(), reference_state=ref_state,
+                            keep_last=self.cfg.train.keep_last, rng_states=rng,
+                            model_state=model_state, optimizer_state=optimizer_state)
+        self.acc.wait_for_everyone()
+
+    def save_final_model(self, path: str | os.PathLike) -> None:
+        """Save the policy (a plain ``save_pretrained`` folder) to ``path``; every process must call it."""
+        state = full_state_dict(self.model) if self.sharded else None
+        if self.acc.is_main_process:
+            save_model(self.unwrapped, self.tokenizer, str(path), merge_lora=self.cfg.lora.merge_at_end,
+                       state_dict=state)
         self.acc.wait_for_everyone()
 
     def resume(self, resume_from: str) -> bool:
         path = find_checkpoint(str(self.run_dir), resume_from)
         if path is None:
             return False
+        hooks: dict[str, Any] = {}
+        if self.sharded:
+            # Every process reads the full states; each keeps its shards.
+            hooks = {"load_model_state": lambda sd: load_full_state_dict(self.model, sd),
+                     "load_optimizer_state": lambda sd: load_full_optimizer_state_dict(self.model, self.optimizer,
+                                                                                       sd)}
         state, ref_state = load_checkpoint(path, model=self.unwrapped, optimizer=self.optimizer,
-                                           scheduler=self.scheduler, process_index=self.acc.process_index)
+                                           scheduler=self.scheduler, process_index=self.acc.process_index,
+                                           **hooks)
         self.step = int(state["step"])
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
         self.train_time = float(state.get("train_time", 0.0))
@@ -421,10 +465,7 @@ class Trainer:
             self._log_line(final)
         if cfg.save_final:
             self.save()
-            if self.acc.is_main_process:
-                save_model(self.unwrapped, self.tokenizer, str(self.run_dir / "final"),
-                           merge_lora=self.cfg.lora.merge_at_end)
-            self.acc.wait_for_everyone()
+            self.save_final_model(self.run_dir / "final")
         if cfg.report_to:
             self.acc.end_training()
         return TrainResult(model=self.unwrapped, run_dir=str(self.run_dir), step=self.step, history=self.history,
