@@ -40,3 +40,11 @@ def smollm2_gguf() -> tuple[str, str]:
     except ImportError:
         pytest.skip("the gguf package is not installed: pip install gguf")
     return found
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The tiny character tokenizer (with a chat template) of ``humanline.tiny``."""
+    from humanline.tiny import build_tokenizer
+
+    return build_tokenizer()

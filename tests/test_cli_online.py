@@ -7,20 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from humanline.cli import main
 from humanline.data import prepare
 from humanline.tiny import build_tokenizer, save_tiny
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -26,20 +26,7 @@ from humanline.rollout.schedule import (
     load_prompt_rows,
 )
 from humanline.run import train
-from humanline.tiny import build_model, build_tokenizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
+from humanline.tiny import build_model
 
 
 def fresh_model(tok, seed: int = 0):

@@ -24,16 +24,6 @@ from humanline.rewards import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a busy shared machine its spin-waits
-    make generation many times slower; restored for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("text, expected", [
     (r"so the answer is \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),
     (r"\boxed{1} then \boxed{\sqrt{x^{2}+1}} end", r"\sqrt{x^{2}+1}"),  # the last box, nested braces

@@ -15,24 +15,9 @@ from humanline.errors import HumanlineError
 from humanline.rollout import Generator, group_rollouts, make_generator
 from humanline.rollout.hf import HFGenerator
 from humanline.rollout.vllm import merged_state_dict
-from humanline.tiny import build_model, build_tokenizer
+from humanline.tiny import build_model
 
 PROMPTS = ["abc", [{"role": "user", "content": "What is 2+2?"}], "hello there, a longer prompt"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a busy shared machine its spin-waits
-    make generation many times slower; restored for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")
