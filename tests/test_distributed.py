@@ -2,7 +2,7 @@
 into FSDP on a machine without GPUs) train exactly as one process does, the sharded reference holds the policy's
 pre-update weights, and checkpoints, resuming and the final model work.
 
-DeepSpeed ZeRO-3 is not tested: it does not run on CPU here (see docs/DESIGN.md).
+DeepSpeed is refused by the trainer (docs/DESIGN.md says why); only the refusal is tested.
 """
 
 from __future__ import annotations
@@ -14,9 +14,14 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
+
+from humanline.errors import HumanlineError
 
 TESTS = Path(__file__).parent
 SCRIPT = TESTS / "scripts" / "fsdp_runs.py"
@@ -96,3 +101,12 @@ def test_fsdp_two_processes_match_one(tmp_path: Path) -> None:
     assert _max_diff(final.state_dict(), straight) == 0.0
     # eval under FSDP (dpo_sync2 evaluates at step 2 and at the end)
     assert sum("eval/loss" in h for h in checks["dpo_sync2"]["history"]) == 2
+
+
+def test_deepspeed_is_refused(tmp_path: Path) -> None:
+    """DeepSpeed would step inside every backward (no place for the humanline sync): a clear error instead."""
+    runs = _runs_module()
+    trainer = runs.build(tmp_path / "run", "dpo", ["humanline.enabled=true"])
+    fake = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
+    with pytest.raises(HumanlineError, match="DeepSpeed is not supported"):
+        type(trainer)(trainer.cfg, trainer.unwrapped, trainer.tokenizer, trainer.source, accelerator=fake)

@@ -129,6 +129,13 @@ class Trainer:
         # make_accelerator: FSDP also on CPU-only machines (gloo), where accelerate itself would run DDP.
         self.acc = accelerator or make_accelerator(log_with=config.train.report_to or None,
                                                    project_dir=config.train.output_dir)
+        if self.acc.distributed_type == DistributedType.DEEPSPEED:
+            # Tried on CPU (DeepSpeed 0.19.8, gloo): ZeRO-3 itself runs, but the engine steps inside
+            # accelerator.backward after every micro-batch and clips inside its own step, so neither this loop's
+            # gradient accumulation nor the humanline sync "after clipping, before the update" has a place, and
+            # its partitioned optimizer state does not fit these checkpoints (docs/DESIGN.md).
+            raise HumanlineError("DeepSpeed is not supported by the humanline trainer: shard with FSDP2 instead "
+                                 "(accelerate launch --config_file accelerate_configs/fsdp.yaml ...)")
         self.run_dir = Path(config.train.output_dir)
         h = config.humanline
         self.settings = LossSettings(
@@ -150,10 +157,10 @@ class Trainer:
             self.reference = Reference(model, config.reference_mode, sync_every=config.reference.sync_every,
                                        ema_alpha=config.reference.ema_alpha,
                                        prepare=self._prepare_reference)
-            if self.reference.peft and self.reference.mode != "frozen" \
-                    and self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            fsdp = self.acc.distributed_type == DistributedType.FSDP
+            if self.reference.peft and self.reference.mode != "frozen" and fsdp:
                 raise HumanlineError("a synced reference with LoRA (a second copy of the adapter) is not supported "
-                                     "under FSDP or DeepSpeed: train LoRA under DDP, or fully fine-tune")
+                                     "under FSDP: train LoRA under DDP, or fully fine-tune")
         params = [p for p in model.parameters() if p.requires_grad]
         o = config.optim
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
