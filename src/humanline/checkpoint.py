@@ -7,6 +7,8 @@ A checkpoint is the folder ``run_dir/checkpoints/step-{step:08d}/``::
     optimizer.pt, scheduler.pt                       torch.save of state dicts (tensors and primitives only)
     rng-{rank}.safetensors, rng-{rank}.json          each process's RNG states
     reference.safetensors                            the reference model's weights, when it has its own
+    deepspeed/                                       under DeepSpeed ZeRO-3: its partitioned states (fp32 master
+                                                     weights, optimizer; no optimizer.pt then)
     trainer_state.json                               counters, data position, ...; the completeness marker
 
 It is written into ``step-XXXXXXXX.tmp-*`` and renamed into place, so a killed process leaves at most a
@@ -145,11 +147,14 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: Any, tokeni
                     trainer_state: dict[str, Any], reference_state: dict[str, torch.Tensor] | None = None,
                     rng_states: list[dict[str, Any]] | None = None, keep_last: int | None = None,
                     model_state: dict[str, torch.Tensor] | None = None,
-                    optimizer_state: dict[str, Any] | None = None) -> str:
+                    optimizer_state: dict[str, Any] | None = None,
+                    move_in: dict[str, str] | None = None) -> str:
     """Write a complete checkpoint for ``step`` atomically and return its path. Main process only.
 
     ``model_state`` / ``optimizer_state``: full state dicts to write instead of ``model.state_dict()`` /
     ``optimizer.state_dict()`` (a sharded run gathers them first, on every process; see ``sharding.py``).
+    ``move_in``: {name: folder} folders to move into the checkpoint as ``name`` (DeepSpeed's partitioned states,
+    which every process wrote beforehand; see ``zero3.py``).
 
     ``rng_states`` holds one :func:`capture_rng` result per process (index = process index); None
     captures this process's alone. ``trainer_state`` must be JSON-serialisable. With ``keep_last`` only
@@ -173,6 +178,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: Any, tokeni
             _write_rng(tmp, rank, state)
         if reference_state is not None:
             save_file(_unshared(reference_state), os.path.join(tmp, "reference.safetensors"))
+        for name, folder in (move_in or {}).items():
+            os.replace(folder, os.path.join(tmp, name))
         state = {**trainer_state, "step": trainer_state.get("step", int(step))}
         _write_json(os.path.join(tmp, MARKER), state)  # last: the marker of a complete checkpoint
     if keep_last is not None and keep_last > 0:

@@ -14,7 +14,9 @@ How the reference is held:
   the policy's, so a sync is a local shard copy (no communication), the reference forward gathers its
   parameters unit by unit as the policy's does, and saving its weights is a collective (every process calls
   :meth:`Reference.state_dict`). After the policy is prepared the trainer calls :meth:`Reference.copy_from`,
-  so the reference starts from exactly the weights the policy starts from.
+  so the reference starts from exactly the weights the policy starts from. Under DeepSpeed ZeRO-3 the copy is a
+  second ZeRO-3 engine (``zero3.reference_engine``) whose partitions line up with the policy's, and a sync copies
+  each process's partitions (``sharding.local`` gives ``p.ds_tensor``) the same way.
 * LoRA: the frozen reference is the base model with the adapter disabled (the *initial* model). A synced
   reference is a second copy of the adapter weights only; for its forward the copy is swapped into the
   adapter's parameters and swapped back afterwards (pointer swaps, no copies).

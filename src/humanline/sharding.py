@@ -9,7 +9,9 @@ is untested here, and a reference copy under it is refused (see :func:`shard_lik
 
 accelerate 1.15 turns FSDP on only for GPU-like devices: on a CPU-only machine a multi-process run with
 ``ACCELERATE_USE_FSDP=true`` silently becomes plain gloo DDP. :func:`make_accelerator` switches such a run to
-FSDP on gloo, so the FSDP code paths run (and are tested) on CPUs too.
+FSDP on gloo, so the FSDP code paths run (and are tested) on CPUs too; likewise DeepSpeed
+(``ACCELERATE_USE_DEEPSPEED=true``). The DeepSpeed ZeRO-3 specifics live in ``zero3.py``; :func:`is_sharded`,
+:func:`local`, :func:`full_state_dict` and :func:`load_full_state_dict` cover its engines and partitions too.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import Tensor, nn
 
+from . import zero3
 from .errors import HumanlineError
 
 
@@ -41,6 +44,8 @@ def make_accelerator(**kwargs: Any) -> Accelerator:
     acc = Accelerator(cpu=cpu, **kwargs)
     if cpu and acc.distributed_type == DistributedType.MULTI_CPU and _env_flag("ACCELERATE_USE_FSDP"):
         enable_fsdp_on_cpu(acc)
+    elif cpu and acc.distributed_type == DistributedType.MULTI_CPU and _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        zero3.enable_deepspeed_on_cpu(acc)
     return acc
 
 
@@ -77,14 +82,16 @@ def is_fsdp1(model: nn.Module) -> bool:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """The model (as the accelerator prepared it) is an FSDP1 or FSDP2 module."""
-    return is_fsdp1(model) or is_fsdp2(model)
+    """The model (as the accelerator prepared it) is an FSDP1 or FSDP2 module, or a DeepSpeed ZeRO-3 engine."""
+    return is_fsdp1(model) or is_fsdp2(model) or zero3.is_engine(model)
 
 
 def local(t: Tensor) -> Tensor:
-    """This process's shard of a (DTensor) parameter; a plain tensor as it is."""
+    """This process's shard of a (DTensor) parameter, or its partition of a ZeRO-3 one; a plain tensor as it is."""
     from torch.distributed.tensor import DTensor
 
+    if zero3.is_partitioned(t):
+        return t.ds_tensor
     return t.to_local() if isinstance(t, DTensor) else t
 
 
@@ -134,6 +141,8 @@ def shard_like_policy(acc: Accelerator, ref: nn.Module) -> nn.Module:
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The model's full state dict on CPU in the main process ({} elsewhere). A collective under FSDP: every
     process must call it; a model that is not sharded gives its own state dict everywhere."""
+    if zero3.is_engine(model):
+        return zero3.full_state_dict(model)
     if not is_sharded(model):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -146,6 +155,9 @@ def load_full_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
 
     Keys that ``save_pretrained`` drops as tied copies (``lm_head.weight`` tied to the embeddings) are taken
     from the parameter they share; any other missing or unexpected key is an error."""
+    if zero3.is_engine(model):
+        zero3.load_partitions(model, state)
+        return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     state = dict(state)

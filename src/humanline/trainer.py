@@ -26,6 +26,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import zero3
 from .checkpoint import capture_rng, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .data import batches, collate
@@ -129,13 +130,15 @@ class Trainer:
         # make_accelerator: FSDP also on CPU-only machines (gloo), where accelerate itself would run DDP.
         self.acc = accelerator or make_accelerator(log_with=config.train.report_to or None,
                                                    project_dir=config.train.output_dir)
-        if self.acc.distributed_type == DistributedType.DEEPSPEED:
-            # Tried on CPU (DeepSpeed 0.19.8, gloo): ZeRO-3 itself runs, but the engine steps inside
-            # accelerator.backward after every micro-batch and clips inside its own step, so neither this loop's
-            # gradient accumulation nor the humanline sync "after clipping, before the update" has a place, and
-            # its partitioned optimizer state does not fit these checkpoints (docs/DESIGN.md).
-            raise HumanlineError("DeepSpeed is not supported by the humanline trainer: shard with FSDP2 instead "
-                                 "(accelerate launch --config_file accelerate_configs/fsdp.yaml ...)")
+        # DeepSpeed ZeRO-3 (zero3.py): the loop drives the engine itself (backward per micro-batch, the boundary on
+        # the last, then gradient norm, reference sync and one engine.step()); the reference is a second engine.
+        self.zero3 = self.acc.distributed_type == DistributedType.DEEPSPEED
+        if self.zero3:
+            if hasattr(model, "peft_config"):
+                raise HumanlineError("LoRA under DeepSpeed is not supported by the humanline trainer: train LoRA "
+                                     "under DDP, or fully fine-tune")
+            zero3.configure(self.acc, model, micro_batch_size=config.train.micro_batch_size,
+                            max_grad_norm=config.optim.max_grad_norm)
         self.run_dir = Path(config.train.output_dir)
         h = config.humanline
         self.settings = LossSettings(
@@ -178,6 +181,9 @@ class Trainer:
         self.generation_time = 0.0
 
     def _prepare_reference(self, ref: nn.Module) -> nn.Module:
+        if self.zero3:
+            # Partitioned like the policy (same processes): a sync copies each process's own partitions.
+            return zero3.reference_engine(self.acc, ref)
         if self.acc.distributed_type == DistributedType.FSDP:
             # Matching shards, not a full copy: each process's shard of the reference is the same slice as its
             # shard of the policy, so a sync is a local copy (reference.py).
@@ -275,7 +281,10 @@ class Trainer:
                 else:
                     logps, mask, ref = self._forward(self.model, batch)
                     out = compute_loss(s, batch, logps, ref, mask, denominators, step_seed=step_seed + i)
-                self.acc.backward(out.loss * scale)
+                if self.zero3:
+                    zero3.backward(self.model, out.loss * scale, last)
+                else:
+                    self.acc.backward(out.loss * scale)
             weight = float(batch["labels"].shape[0])
             weight_total += weight
             parts.append((out.loss.detach(), weight, out.metrics))
@@ -290,6 +299,8 @@ class Trainer:
         grad_norm = self._clip_and_check()
         metrics["grad_norm"] = grad_norm
         if not math.isfinite(grad_norm) or not math.isfinite(metrics["loss"]):
+            if self.zero3:
+                zero3.discard_gradients(self.model)
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_a_row += 1
             metrics["skipped"] = 1.0
@@ -301,6 +312,8 @@ class Trainer:
             if self.reference is not None and self.reference.mode != "frozen":
                 metrics["humanline/ref_lag_steps"] = float(self.reference.lag(self.step))
                 self.reference.maybe_sync(self.model, self.step)
+            if self.zero3:
+                zero3.step(self.model)  # clips (gradient_clipping = optim.max_grad_norm) and updates
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -309,6 +322,8 @@ class Trainer:
         return metrics
 
     def _clip_and_check(self) -> float:
+        if self.zero3:
+            return zero3.grad_norm(self.model)  # the norm before clipping; engine.step() clips
         max_norm = self.cfg.optim.max_grad_norm
         if max_norm is not None:
             return float(self.acc.clip_grad_norm_(self.model.parameters(), max_norm))
@@ -365,18 +380,25 @@ class Trainer:
         rng = self.acc.gather_for_metrics([capture_rng()], use_gather_object=True) \
             if self.acc.num_processes > 1 else [capture_rng()]
         model_state = optimizer_state = ref_state = None
+        engine_dir = None
+        if self.zero3:
+            # DeepSpeed's partitioned states (optimizer included) go into the checkpoint's deepspeed/ folder.
+            engine_dir = zero3.save_engine_state(self.model, str(self.run_dir / "checkpoints"), self.step,
+                                                 is_main=self.acc.is_main_process)
         if self.sharded:
             # Gathering the full states is a collective: every process takes part, the main one writes.
             model_state = full_state_dict(self.model)
-            optimizer_state = full_optimizer_state_dict(self.model, self.optimizer)
+            if not self.zero3:
+                optimizer_state = full_optimizer_state_dict(self.model, self.optimizer)
         if self.reference is not None and (self.sharded or self.acc.is_main_process):
             ref_state = self.reference.state_dict()  # a collective too when the reference is sharded
         if self.acc.is_main_process:
             save_checkpoint(str(self.run_dir), self.step, model=self.unwrapped, tokenizer=self.tokenizer,
-                            optimizer=self.optimizer, scheduler=self.scheduler,
+                            optimizer=None if self.zero3 else self.optimizer, scheduler=self.scheduler,
                             trainer_state=self._trainer_state(), reference_state=ref_state,
                             keep_last=self.cfg.train.keep_last, rng_states=rng,
-                            model_state=model_state, optimizer_state=optimizer_state)
+                            model_state=model_state, optimizer_state=optimizer_state,
+                            move_in={zero3.ENGINE_DIR: engine_dir} if engine_dir else None)
         self.acc.wait_for_everyone()
 
     def save_final_model(self, path: str | os.PathLike) -> None:
@@ -392,12 +414,17 @@ class Trainer:
         if path is None:
             return False
         hooks: dict[str, Any] = {}
-        if self.sharded:
+        if self.zero3:
+            # Weights and optimizer state come from DeepSpeed's own files (deepspeed/ in the checkpoint).
+            zero3.load_engine_state(self.model, path)
+            hooks = {"load_model_state": lambda sd: None}
+        elif self.sharded:
             # Every process reads the full states; each keeps its shards.
             hooks = {"load_model_state": lambda sd: load_full_state_dict(self.model, sd),
                      "load_optimizer_state": lambda sd: load_full_optimizer_state_dict(self.model, self.optimizer,
                                                                                        sd)}
-        state, ref_state = load_checkpoint(path, model=self.unwrapped, optimizer=self.optimizer,
+        state, ref_state = load_checkpoint(path, model=self.unwrapped,
+                                           optimizer=None if self.zero3 else self.optimizer,
                                            scheduler=self.scheduler, process_index=self.acc.process_index,
                                            **hooks)
         self.step = int(state["step"])

@@ -1,9 +1,12 @@
-"""Short runs of a tiny model under FSDP, for tests/test_distributed.py (which runs the same configs in one
-process and compares).
+"""Short runs of a tiny model under FSDP or DeepSpeed ZeRO-3, for tests/test_distributed.py (which runs the same
+configs in one process and compares).
 
-On a CPU-only machine (gloo; humanline.sharding.make_accelerator turns accelerate's DDP into FSDP there):
+On a CPU-only machine (gloo; humanline.sharding.make_accelerator turns accelerate's DDP into FSDP or DeepSpeed
+there):
 
     ACCELERATE_USE_FSDP=true FSDP_VERSION=2 FSDP_AUTO_WRAP_POLICY=TRANSFORMER_BASED_WRAP OMP_NUM_THREADS=1 \\
+        torchrun --nproc_per_node 2 tests/scripts/fsdp_runs.py OUT [RUN ...]
+    ACCELERATE_USE_DEEPSPEED=true ACCELERATE_DEEPSPEED_ZERO_STAGE=3 DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 \\
         torchrun --nproc_per_node 2 tests/scripts/fsdp_runs.py OUT [RUN ...]
 
 Writes OUT/<run>/params.safetensors (the gathered final policy) for every run in RUNS (or those named),
@@ -40,6 +43,11 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "kto": ("kto", ["humanline.enabled=true"]),
     "grpo": ("grpo", ["humanline.enabled=true", "loss.loss_type=dapo"]),
 }
+# Run only when named: clipping active (the gradient norms above are ~0.3), for DeepSpeed, which clips inside its
+# own step (gradient_clipping) where FSDP's runs clip in the trainer.
+MORE_RUNS: dict[str, tuple[str, list[str]]] = {
+    "dpo_clip": ("dpo", ["humanline.enabled=true", "optim.max_grad_norm=0.1"]),
+}
 
 
 def build(out: str | Path, objective: str, overrides: list[str]) -> Trainer:
@@ -53,6 +61,10 @@ def build(out: str | Path, objective: str, overrides: list[str]) -> Trainer:
     train_ex, eval_ex, _ = prepare_offline(cfg, tok, tiny_rows(objective, 32))
     return Trainer(cfg, model, tok, DatasetSource(train_ex, cfg.train.batch_size, cfg.train.seed),
                    eval_examples=eval_ex)
+
+
+def _numel(p: torch.Tensor) -> int:
+    return getattr(p, "ds_numel", p.numel())  # under ZeRO-3 a parameter is empty outside a forward
 
 
 def watch_reference(trainer: Trainer) -> list[dict]:
@@ -88,7 +100,7 @@ def main() -> None:
             resume = ["train.save_every=0", "train.save_final=false", f"train.resume_from={ckpt}"]
             trainer = build(os.path.join(out, name), objective, [*overrides, *resume])
         else:
-            objective, overrides = RUNS[name]
+            objective, overrides = {**RUNS, **MORE_RUNS}[name]
             trainer = build(os.path.join(out, name), objective, overrides)
         records = watch_reference(trainer)
         trainer.train()
@@ -100,7 +112,7 @@ def main() -> None:
                             "policy": type(trainer.model).__name__,
                             "reference": type(trainer.reference.model).__name__ if trainer.reference else None,
                             # elements held by this process: its shards of the policy and of the reference
-                            "numel": {"full": sum(p.numel() for p in trainer.model.parameters()),
+                            "numel": {"full": sum(_numel(p) for p in trainer.model.parameters()),
                                       "policy_local": sum(local(p).numel() for p in trainer.model.parameters()),
                                       "reference_local": sum(local(p).numel()
                                                              for p in trainer.reference.model.parameters())},
