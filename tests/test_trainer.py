@@ -3,6 +3,7 @@ on how a step is split (micro-batches, processes), and a run killed with SIGKILL
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -150,6 +151,10 @@ def test_two_processes_match_one(tmp_path: Path, objective: str, extra: list[str
     one = load_file(str(tmp_path / "one" / "params.safetensors"))
     two = load_file(str(tmp_path / "two" / "params.safetensors"))
     assert max_diff(one, two) < 1e-5
+    # the logged training loss is the global one, not a per-process share or a sum of means
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+               if '"loss"' in line and "eval/" not in line] for run in ("one", "two")]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path: Path) -> None:

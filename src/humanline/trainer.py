@@ -288,7 +288,7 @@ class Trainer:
             weight = float(batch["labels"].shape[0])
             weight_total += weight
             parts.append((out.loss.detach(), weight, out.metrics))
-        metric_sums = _sum_metrics(parts, scale)
+        metric_sums = _sum_metrics(parts)
         metrics = {k: (v if k == "loss" else v / max(weight_total, 1.0)) for k, v in metric_sums.items()}
         if self.acc.num_processes > 1:
             keys = sorted(metrics)
@@ -523,9 +523,10 @@ def _host_floats(values: list[Any]) -> list[float]:
     return out
 
 
-def _sum_metrics(parts: list[tuple[Tensor, float, dict[str, Any]]], scale: float) -> dict[str, float]:
-    """Per micro-batch (loss, weight, metrics) -> {"loss": sum of loss * scale, metric: sum of value * weight},
-    summed in micro-batch order (the same floats as converting each value as it comes)."""
+def _sum_metrics(parts: list[tuple[Tensor, float, dict[str, Any]]]) -> dict[str, float]:
+    """Per micro-batch (loss, weight, metrics) -> {"loss": sum of losses, metric: sum of value * weight}, summed
+    in micro-batch order (the same floats as converting each value as it comes). Each loss is this process's
+    share of the global loss (global denominators), so the sum over processes is the step's loss."""
     flat: list[Any] = []
     for loss, _, metrics in parts:
         flat.append(loss)
@@ -533,7 +534,7 @@ def _sum_metrics(parts: list[tuple[Tensor, float, dict[str, Any]]], scale: float
     values = iter(_host_floats(flat))
     sums: dict[str, float] = {}
     for _, weight, metrics in parts:
-        sums["loss"] = sums.get("loss", 0.0) + next(values) * scale
+        sums["loss"] = sums.get("loss", 0.0) + next(values)
         for k in metrics:
             sums[k] = sums.get(k, 0.0) + next(values) * weight
     return sums
