@@ -22,7 +22,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .run import train
 
     result = train(cfg)
-    print(f"trained {result.step} steps; final model in {os.path.join(result.run_dir, 'final')}")
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per process
+        print(f"trained {result.step} steps; final model in {os.path.join(result.run_dir, 'final')}")
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:
