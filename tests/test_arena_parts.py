@@ -218,6 +218,10 @@ def test_verdict_rule_both_outcomes():
     assert held is False and "did not match" in text and "+0.100" in text
     assert verdict(arm(0.60, 0.0, 1), arm(0.599, 0.0, 1))[0] is False  # one seed: no spread
     assert verdict(None, arm(0.5, 0.0))[0] is None
+    # with the offline arm: no online-offline gap, no verdict (humanline has nothing to close)
+    held, text = verdict(arm(0.60, 0.05), arm(0.70, 0.01), arm(0.58, 0.02))
+    assert held is None and "no gap for humanline to close" in text and "online - offline = +0.020" in text
+    assert verdict(arm(0.60, 0.01), arm(0.595, 0.01), arm(0.50, 0.02))[0] is True  # online led offline by 0.10
     assert "standard deviation" in VERDICT_RULE
 
 

@@ -54,9 +54,11 @@ REFERENCE_STYLE = {
     "rft": {"color": "black", "linestyle": ":", "label": "RFT control"},
 }
 VERDICT_RULE = (
-    "humanline-offline matched online if its mean metric is at least online's, or if the gap "
-    "|online - humanline| is at most the larger of the two arms' standard deviations over seeds "
-    "(sample std; with one seed the spread is 0, so only humanline >= online counts). Higher metric is better."
+    "The claim is tested only where there is a gap to close: online must beat offline by more than the larger of "
+    "the two arms' standard deviations over seeds (otherwise: not decided). There, humanline-offline matched "
+    "online if its mean metric is at least online's, or if the gap |online - humanline| is at most the larger of "
+    "the two arms' standard deviations (sample std; with one seed the spread is 0, so only humanline >= online "
+    "counts). Higher metric is better."
 )
 
 
@@ -122,14 +124,23 @@ def group_stats(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def verdict(online: Mapping[str, Any] | None, humanline: Mapping[str, Any] | None) -> tuple[bool | None, str]:
-    """Apply ``VERDICT_RULE`` to the two arms' stats; ``(None, reason)`` when an arm is missing."""
+def verdict(online: Mapping[str, Any] | None, humanline: Mapping[str, Any] | None,
+            offline: Mapping[str, Any] | None = None) -> tuple[bool | None, str]:
+    """Apply ``VERDICT_RULE`` to the arms' stats; ``(None, reason)`` when an arm is missing or, given the
+    offline arm, when online did not beat it (humanline cannot close a gap that is not there)."""
     if not online or not humanline or math.isnan(online["mean"]) or math.isnan(humanline["mean"]):
         return None, "not decided: the online or the humanline-offline arm is missing"
     gap = online["mean"] - humanline["mean"]
     spread = max(online["std"], humanline["std"])
     seeds = f"n={online['n']}/{humanline['n']} seeds" + (
         ", one seed: no spread measured" if max(online["n"], humanline["n"]) < 2 else "")
+    if offline and not math.isnan(offline["mean"]):
+        lead, lead_spread = online["mean"] - offline["mean"], max(online["std"], offline["std"])
+        if lead <= lead_spread:
+            return None, (f"not decided: online did not beat offline beyond the seeds' spread (online - offline = "
+                          f"{lead:+.3f}, spread {lead_spread:.3f}), so there is no gap for humanline to close; "
+                          f"for the record, online - humanline = {gap:+.3f} ({humanline['mean']:.3f} vs "
+                          f"{online['mean']:.3f}; {seeds})")
     if gap <= 0:
         return True, (f"humanline-offline matched online: it scored {-gap:.3f} above online "
                       f"({humanline['mean']:.3f} vs {online['mean']:.3f}; {seeds})")
@@ -153,12 +164,8 @@ def comparisons(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         task, objective = s["task"], s["objective"]
         arms = {arm: by_key.get((task, objective, arm)) for arm in OBJECTIVE_ARMS}
         online, offline, humanline = arms["online"], arms["offline"], arms["humanline-offline"]
-        held, text = verdict(online, humanline)
+        held, text = verdict(online, humanline, offline)
         notes = []
-        if online and offline and not math.isnan(offline["mean"]):
-            if online["mean"] - offline["mean"] <= max(online["std"], offline["std"]):
-                notes.append("online did not beat offline beyond the seeds' spread here, so this setting "
-                             "does not separate online from offline training")
         start = reference.get((task, "start"))
         if start and humanline and humanline["mean"] <= start["mean"]:
             notes.append("humanline-offline did not improve on the starting policy")
@@ -330,7 +337,9 @@ def _mean_curve(histories: Sequence[Sequence[Mapping[str, Any]]], x_key: str
 
 def _task_figure(task: str, runs: Sequence[Mapping[str, Any]], comps: Sequence[Mapping[str, Any]]) -> Figure:
     objectives = _order({r["objective"] for r in runs if r["arm"] in OBJECTIVE_ARMS}, OBJECTIVE_ORDER)
-    refs = {arm: _mean_std([float(r["metric"]) for r in runs if r["arm"] == arm]) for arm in REFERENCE_ARMS}
+    # The curves are validation-prompt evaluations, so the reference lines are too (the tables use test prompts).
+    refs = {arm: _mean_std([float(r.get("val_metric", r["metric"])) for r in runs if r["arm"] == arm])
+            for arm in REFERENCE_ARMS}
     metric_name = next((r["metric_name"] for r in runs if r.get("metric_name")), "test metric")
     seeds = sorted({r.get("seed") for r in runs if r.get("seed") is not None})
     verdicts = {c["objective"]: c for c in comps if c["task"] == task}
@@ -343,7 +352,7 @@ def _task_figure(task: str, runs: Sequence[Mapping[str, Any]], comps: Sequence[M
     for col, objective in enumerate(objectives):
         c = verdicts.get(objective)
         held = {True: "humanline MATCHED online", False: "humanline did NOT match online",
-                None: "no verdict"}[c["held"] if c else None]
+                None: "not decided"}[c["held"] if c else None]
         gap = c["gap_online_humanline"] if c else math.nan
         speed = c["speedup_humanline_vs_online"] if c else math.nan
         detail = []
@@ -368,7 +377,7 @@ def _task_figure(task: str, runs: Sequence[Mapping[str, Any]], comps: Sequence[M
                     line = ax.axhline(mean, color=style["color"], linestyle=style["linestyle"], linewidth=1.2)
                     handles.setdefault(style["label"], line)
             ax.set_xlabel(x_label)
-            ax.set_ylabel(metric_name)
+            ax.set_ylabel(f"{metric_name}\n(validation prompts)")
             ax.grid(alpha=0.3)
             if row == 0:
                 ax.set_title(f"{objective.upper()}: {held}\n" + ", ".join(detail), fontsize=10)
@@ -377,7 +386,8 @@ def _task_figure(task: str, runs: Sequence[Mapping[str, Any]], comps: Sequence[M
     if not objectives:
         axes[0][0].text(0.5, 0.5, "no training runs", ha="center", va="center")
     fig.suptitle(f"Task '{task}': does humanline on offline data match online training?\n"
-                 f"{metric_name} (higher is better), mean over seeds {seeds} with ±1 std band", fontsize=12)
+                 f"{metric_name} on validation prompts while training (higher is better; the tables use test prompts), "
+                 f"mean over seeds {seeds} with ±1 std band", fontsize=12)
     if handles:
         fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center",
                    ncol=min(6, len(handles)), fontsize=9)
