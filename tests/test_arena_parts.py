@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 
 import pytest
 
@@ -269,3 +270,29 @@ def test_report_overwrites_atomically_and_handles_partial_results(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
     by_obj = {c["objective"]: c for c in comparisons(runs)}
     assert by_obj["dpo"]["held"] is True and by_obj["grpo"]["held"] is None
+
+
+# ------------------------------------------------------------------------------------------------
+# The driver
+
+
+def _job(spec: dict) -> dict:
+    """A stand-in arena job (top level: the spawned workers import it)."""
+    if spec.get("fail"):
+        raise ValueError(f"job failed: {spec['name']}")
+    time.sleep(spec.get("sleep", 0.0))
+    return {"name": spec["name"]}
+
+
+def test_a_failing_job_is_the_error_raised_not_the_other_pipelines_cancellation(monkeypatch, tmp_path):
+    from humanline.arena import runner
+
+    def pipeline(task: str, pool: runner._Pool, p: runner.Preset, out) -> tuple:
+        if task == "addition":  # queued behind the failing job: cancelled when it fails
+            time.sleep(0.5)
+            return pool.run_all(_job, [{"name": f"slow{i}", "sleep": 1.0} for i in range(6)])
+        return pool.run_all(_job, [{"name": "bad", "fail": True}])
+
+    monkeypatch.setattr(runner, "_task_pipeline", pipeline)
+    with pytest.raises(ValueError, match="job failed: bad"):
+        runner.run_arena(str(tmp_path), preset="quick", workers=2)

@@ -22,7 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -383,6 +383,7 @@ class _Pool:
         self.workers = workers
         self.pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
         self.bar = tqdm(total=total_jobs, desc="arena jobs", dynamic_ncols=True)
+        self.failure: BaseException | None = None  # the first job that failed (the cause of any cancellations)
 
     def run_all(self, fn: Callable[[dict], dict], specs: list[dict],
                 on_done: Callable[[dict, dict], None] | None = None) -> list[dict]:
@@ -399,12 +400,17 @@ class _Pool:
         futures: dict[Future, int] = {self.pool.submit(fn, specs[i]): i for i in order}
         pending = set(futures)
         while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            # With a timeout: futures cancelled by shutdown(cancel_futures=True) never wake a waiter (CPython).
+            done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            if self.failure is not None and not done:  # a job of the other pipeline failed: stop waiting
+                raise HumanlineError("arena stopped: another job failed") from self.failure
             for f in done:
                 i = futures[f]
                 try:
                     results[i] = f.result()
-                except BaseException:
+                except BaseException as e:
+                    if self.failure is None and not isinstance(e, CancelledError):
+                        self.failure = e
                     self.pool.shutdown(wait=False, cancel_futures=True)  # fail fast, leave no queue behind
                     raise
                 if on_done:
@@ -415,7 +421,7 @@ class _Pool:
     def close(self) -> None:
         self.bar.close()
         if self.pool is not None:
-            self.pool.shutdown()
+            self.pool.shutdown(wait=self.failure is None, cancel_futures=True)
 
 
 def _expected_cost(spec: dict[str, Any]) -> float:
@@ -537,7 +543,13 @@ def run_arena(output: str = "arena-run", *, preset: str = "default", seeds: int 
             per_task = [_task_pipeline(t, pool, p, out) for t in p.tasks]
         else:
             with ThreadPoolExecutor(len(p.tasks)) as threads:
-                per_task = list(threads.map(lambda t: _task_pipeline(t, pool, p, out), p.tasks))
+                futures = [threads.submit(_task_pipeline, t, pool, p, out) for t in p.tasks]
+            # A failed job shuts the pool down, so the other pipeline fails too (cancelled jobs, or no new ones
+            # accepted): raise the job failure that caused it.
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                raise pool.failure or errors[0]
+            per_task = [f.result() for f in futures]
     finally:
         pool.close()
     prepared = [info for info, _, _ in per_task]
