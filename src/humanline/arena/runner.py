@@ -228,9 +228,8 @@ def prepare_task(spec: dict[str, Any]) -> dict[str, Any]:
 
     # Baselines for the win rate: the starting policy's greedy outputs on the evaluation prompts.
     for split, n in (("validation", p.val_prompts), ("test", p.test_prompts)):
-        ev = _evaluator(task_name, task_dir, tok, split, n, baseline=False, p=p)
-        ev.baseline_path = task_dir / f"baseline-{split}.jsonl"
-        ev.compute_baseline(sft_model)
+        ev = _evaluator(task_name, task_dir, tok, split, n, baseline=True, p=p)
+        ev.compute_baseline(sft_model)  # written to the baseline file that every arm's evaluator reads
         m = ev.metrics(ev.baseline)
         info[f"start_{split}"] = m
 
@@ -262,15 +261,14 @@ def prepare_task(spec: dict[str, Any]) -> dict[str, Any]:
         _write_jsonl(task_dir / f"offline-{objective}.jsonl", rows)
         info[f"offline_{objective}_rows"] = len(rows)
     # Rejection fine-tuning control: the best-scoring sample of each prompt (if it beat the others).
-    best: dict[int, tuple[float, Any]] = {}
+    by_group: dict[int, list[tuple[float, Any]]] = {}
     for r, s in zip(rollouts, scores):
-        if r.group not in best or s > best[r.group][0]:
-            best[r.group] = (s, r)
-    by_group: dict[int, list[float]] = {}
-    for r, s in zip(rollouts, scores):
-        by_group.setdefault(r.group, []).append(s)
-    rft = [{"prompt": r.prompt, "completion": r.completion} for g, (s, r) in sorted(best.items())
-           if s > min(by_group[g]) and r.completion.strip()]
+        by_group.setdefault(r.group, []).append((s, r))
+    rft = []
+    for _, samples in sorted(by_group.items()):
+        s, r = max(samples, key=lambda sample: sample[0])  # the first of the best, in sampling order
+        if s > min(score for score, _ in samples) and r.completion.strip():
+            rft.append({"prompt": r.prompt, "completion": r.completion})
     _write_jsonl(task_dir / "offline-rft.jsonl", rft)
     info["offline_rft_rows"] = len(rft)
     info["prepare_time"] = time.perf_counter() - t0
